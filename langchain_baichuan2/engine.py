@@ -1,0 +1,394 @@
+"""The generation engine: one loaded model, a worker thread and a batched decode loop.
+
+Requests (prompt ids + sampling settings) are queued; the worker takes every request
+waiting at that moment and decodes them together as one left-padded batch, one step at
+a time. Each request gets its own text deltas (UTF-8 safe, stop strings held back),
+finish reason, token counts and timings, and can be cancelled between steps. Errors
+raised while decoding reach every caller of that batch; the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
+from langchain_baichuan2.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_sampling_values(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+def check_sampling_values(
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first out-of-range sampling value."""
+
+    def number(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            msg = f"{name} must be a number, got {value!r}"
+            raise ValueError(msg)
+        return float(value)
+
+    if temperature is not None and number("temperature", temperature) < 0:
+        msg = f"temperature must be >= 0 (0 means greedy), got {temperature}"
+        raise ValueError(msg)
+    if top_p is not None and not 0 < number("top_p", top_p) <= 1:
+        msg = f"top_p must be in (0, 1], got {top_p}"
+        raise ValueError(msg)
+    if top_k is not None and (number("top_k", top_k) < 0 or int(top_k) != top_k):
+        msg = f"top_k must be an integer >= 0 (0 disables it), got {top_k}"
+        raise ValueError(msg)
+    if repetition_penalty is not None and number("repetition_penalty", repetition_penalty) <= 0:
+        msg = f"repetition_penalty must be > 0, got {repetition_penalty}"
+        raise ValueError(msg)
+    if max_new_tokens is not None and (
+        number("max_tokens", max_new_tokens) < 1 or int(max_new_tokens) != max_new_tokens
+    ):
+        msg = f"max_tokens must be an integer >= 1, got {max_new_tokens}"
+        raise ValueError(msg)
+
+
+@dataclass
+class GenerationChunk:
+    """A piece of one request's output: a text delta, or the final summary."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+
+class _Request:
+    """One queued generation and the channel its chunks travel back on."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.cancelled = threading.Event()
+        self.outbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+
+    def send(self, item: GenerationChunk | BaseException) -> None:
+        self.outbox.put(item)
+
+
+class _Row:
+    """Decoding state of one request inside a running batch."""
+
+    def __init__(self, request: _Request, engine: Baichuan2Engine) -> None:
+        self.request = request
+        params = request.params
+        self.decoder = IncrementalDecoder(engine.tokenizer, skip_special_tokens=True)
+        self.stops = StopStringMatcher(params.stop) if params.stop else None
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0 and params.seed is not None:
+            self.generator = torch.Generator(device=engine.device).manual_seed(params.seed)
+        self.output_ids: list[int] = []
+
+    def push(self, token: int, eos_ids: set[int]) -> GenerationChunk | None:
+        """Take one sampled token; return a chunk to send, or None; mark the finish."""
+        self.finish_reason: str | None = None
+        if token in eos_ids:
+            self.finish_reason = "stop"
+            return self._final_text()
+        self.output_ids.append(token)
+        text = self.decoder.push([token])
+        if self.stops is not None:
+            text, stopped = self.stops.push(text)
+            if stopped:
+                self.finish_reason = "stop"
+                return GenerationChunk(text=text, token_ids=[token])
+        if len(self.output_ids) >= self.request.params.max_new_tokens:
+            self.finish_reason = "length"
+            tail = self._final_text()
+            return GenerationChunk(text=text + (tail.text if tail else ""), token_ids=[token])
+        return GenerationChunk(text=text, token_ids=[token])
+
+    def _final_text(self) -> GenerationChunk | None:
+        """Release text held back by the decoder and the stop matcher at the end."""
+        text = self.decoder.flush()
+        if self.stops is not None:
+            text, stopped = self.stops.push(text)
+            text += "" if stopped else self.stops.flush()
+        return GenerationChunk(text=text) if text else None
+
+
+def _apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """Penalize logits of tokens already in each row (CTRL rule, as transformers does)."""
+    if bool((penalty == 1.0).all()):
+        return logits
+    picked = logits.gather(1, seen)
+    penalized = torch.where(picked > 0, picked / penalty[:, None], picked * penalty[:, None])
+    # Padding slots write back their unchanged value; real slots the penalized one.
+    return logits.scatter(1, seen, torch.where(seen_mask, penalized, picked))
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus (top-p) sets with -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    remove = rank >= k
+    probs = sorted_logits.masked_fill(remove, -math.inf).softmax(dim=-1)
+    # Drop a token once the mass before it already reaches top_p; the first always stays.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= top_p[:, None]
+    remove[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(remove, -math.inf))
+
+
+class Baichuan2Engine:
+    """Runs generation for one loaded model on a background worker thread.
+
+    Args:
+        loaded: The model, tokenizer and generation defaults to serve.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        eos = loaded.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else 2])
+        self.pad_id = self.model.config.pad_token_id or 0
+        self._inbox: queue.SimpleQueue[list[_Request]] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    # -- submitting -------------------------------------------------------------------
+
+    def _submit(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[_Request]:
+        for ids in prompts:
+            if not ids:
+                raise ValueError("The prompt is empty: there is nothing to generate from")
+        requests = [_Request(ids, p) for ids, p in zip(prompts, params, strict=True)]
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=self._serve, name="baichuan2-engine", daemon=True
+                )
+                self._worker.start()
+        self._inbox.put(requests)
+        return requests
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+        """Yield text deltas, then a final chunk with the finish reason and counts.
+
+        Leaving the loop early (closing the generator) cancels the request.
+        """
+        (request,) = self._submit([prompt_ids], [params])
+        return self._drain(request)
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    ) -> list[GenerationChunk]:
+        """Run several prompts as one batch; return one merged chunk per prompt."""
+        requests = self._submit(prompts, params)
+        return [merge_chunks(self._drain(r)) for r in requests]
+
+    async def astream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """Async version of :meth:`stream`; waiting never blocks the event loop.
+
+        Cancelling the consuming task cancels the request.
+        """
+        (request,) = self._submit([prompt_ids], [params])
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                item = await loop.run_in_executor(None, request.outbox.get)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled.set()
+
+    def _drain(self, request: _Request) -> Iterator[GenerationChunk]:
+        try:
+            while True:
+                item = request.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled.set()
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            requests = self._inbox.get()
+            # Everything that arrived meanwhile joins this batch.
+            while True:
+                try:
+                    requests.extend(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            requests = [r for r in requests if not r.cancelled.is_set()]
+            if not requests:
+                continue
+            try:
+                self._run_batch(requests)
+            except BaseException as e:  # the callers must see it; the worker lives on
+                for r in requests:
+                    r.send(e)
+
+    @torch.inference_mode()
+    def _run_batch(self, requests: list[_Request]) -> None:
+        rows = [_Row(r, self) for r in requests]
+        longest = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(requests):
+            input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, longest - len(r.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        seen, seen_mask = input_ids, mask.bool()
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        params = [r.params for r in requests]
+        temperature = column([p.temperature for p in params])
+        top_p = column([p.top_p for p in params])
+        top_k = column([p.top_k for p in params], torch.long)
+        penalty = column([p.repetition_penalty for p in params])
+
+        with self.loaded.lock:
+            cache = DynamicCache(config=self.model.config)
+            start = time.perf_counter()
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1
+            ).logits[:, -1].float()
+            prompt_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            while rows:
+                logits = _apply_repetition_penalty(logits, seen, seen_mask, penalty)
+                tokens = self._pick(logits, rows, temperature, top_k, top_p)
+                keep = []
+                for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                    if row.request.cancelled.is_set():
+                        continue
+                    chunk = row.push(token, self.eos_ids)
+                    if chunk is not None and (chunk.text or chunk.token_ids):
+                        row.request.send(chunk)
+                    if row.finish_reason is None:
+                        keep.append(i)
+                    else:
+                        row.request.send(
+                            GenerationChunk(
+                                finish_reason=row.finish_reason,
+                                prompt_tokens=len(row.request.prompt_ids),
+                                completion_tokens=len(row.output_ids),
+                                prompt_seconds=prompt_seconds,
+                                generation_seconds=time.perf_counter() - start,
+                            )
+                        )
+                if not keep:
+                    return
+                if len(keep) < len(rows):  # drop finished rows from the batch
+                    index = torch.tensor(keep, device=self.device)
+                    rows = [rows[i] for i in keep]
+                    cache.batch_select_indices(index)
+                    tokens, mask, seen, seen_mask = (
+                        tokens[index], mask[index], seen[index], seen_mask[index]
+                    )
+                    temperature, top_k, top_p, penalty = (
+                        temperature[index], top_k[index], top_p[index], penalty[index]
+                    )
+                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                seen = torch.cat([seen, tokens[:, None]], dim=1)
+                seen_mask = torch.cat([seen_mask, seen_mask.new_ones((len(rows), 1))], dim=1)
+                logits = self.model(
+                    input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True
+                ).logits[:, -1].float()
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        rows: list[_Row],
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+    ) -> torch.Tensor:
+        """Choose each row's next token: argmax for greedy rows, else sample."""
+        tokens = logits.argmax(dim=-1)
+        sampled = temperature > 0
+        if not bool(sampled.any()):
+            return tokens
+        warped = logits / torch.where(sampled, temperature, 1.0)[:, None]
+        probs = _filter_top_k_top_p(warped, top_k, top_p).softmax(dim=-1)
+        for i, row in enumerate(rows):
+            if sampled[i]:
+                tokens[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
+        return tokens
+
+
+def merge_chunks(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
+    """Join a request's chunks into one: all text and ids, plus the final summary."""
+    text: list[str] = []
+    ids: list[int] = []
+    last = GenerationChunk()
+    for chunk in chunks:
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        last = chunk
+    last.text = "".join(text)
+    last.token_ids = ids
+    return last
+
+
+_engines: dict[int, Baichuan2Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def engine_for(loaded: LoadedModel) -> Baichuan2Engine:
+    """Return the one engine serving ``loaded`` (created on first use)."""
+    with _engines_lock:
+        engine = _engines.get(id(loaded))
+        if engine is None or engine.loaded is not loaded:
+            engine = _engines[id(loaded)] = Baichuan2Engine(loaded)
+        return engine

@@ -1,0 +1,367 @@
+"""From a folder or model id to a ready Baichuan2 model and tokenizer.
+
+Resolves the source (local folder, ModelScope, Hugging Face Hub), checks the files,
+picks dtype / device / quantization, loads weights safely (safetensors first; ``.bin``
+with ``torch.load(weights_only=True)``), and shares loaded models through a registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import BitsAndBytesConfig, GenerationConfig
+
+from langchain_baichuan2.modeling import BaichuanConfig, BaichuanForCausalLM, BaichuanTokenizer
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["auto", "local", "modelscope", "huggingface"]
+Quantization = Literal["4bit", "8bit"] | BitsAndBytesConfig | None
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+SOURCES: tuple[str, ...] = ("auto", "local", "modelscope", "huggingface")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Downloads never fetch the Python files that sit beside official checkpoints.
+_SKIP_PATTERNS = ["*.py", "*.pyc"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, corrupt or not Baichuan2."""
+
+
+class DownloadError(RuntimeError):
+    """A model id could not be fetched from any source."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with its tokenizer, generation defaults and where it came from."""
+
+    model: BaichuanForCausalLM
+    tokenizer: BaichuanTokenizer
+    generation_config: GenerationConfig
+    path: Path
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes of parameters and buffers, by dtype name."""
+        return weight_bytes_by_dtype(self.model)
+
+
+def weight_bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
+    """Count the bytes of a model's parameters and buffers, grouped by dtype."""
+    totals: Counter[str] = Counter()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        totals[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    return dict(totals)
+
+
+def resolve_dtype(dtype: DType | torch.dtype, *, on_gpu: bool) -> torch.dtype:
+    """Turn a dtype name into a torch dtype.
+
+    ``"auto"`` is bfloat16 on a GPU (the released weights' dtype) and float32 on CPU,
+    where half-precision matmuls are slow.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    if dtype not in _DTYPES:
+        msg = f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {dtype!r}"
+        raise ValueError(msg)
+    return _DTYPES[dtype]
+
+
+def quantization_config(
+    quantization: Quantization, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
+    """Map ``"4bit"`` (NF4, double quant) / ``"8bit"`` / a config / None to a config."""
+    if quantization is None or isinstance(quantization, BitsAndBytesConfig):
+        return quantization
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    msg = f"quantization must be '4bit', '8bit', a BitsAndBytesConfig or None, got {quantization!r}"
+    raise ValueError(msg)
+
+
+def _download(name: str, revision: str | None, source: Source) -> Path:
+    """Fetch ``name`` from ModelScope (as the model card does) and/or the HF Hub."""
+    hubs = ["modelscope", "huggingface"] if source == "auto" else [source]
+    failures = []
+    for hub in hubs:
+        try:
+            if hub == "modelscope":
+                from modelscope import snapshot_download as ms_snapshot_download
+
+                folder = ms_snapshot_download(
+                    name, revision=revision or "master", ignore_file_pattern=_SKIP_PATTERNS
+                )
+            else:
+                from huggingface_hub import snapshot_download as hf_snapshot_download
+
+                folder = hf_snapshot_download(
+                    name, revision=revision, ignore_patterns=_SKIP_PATTERNS
+                )
+            return Path(folder)
+        except Exception as e:  # each hub raises its own network and lookup errors
+            failures.append(f"{hub}: {type(e).__name__}: {e}")
+    msg = (
+        f"Could not download {name!r}"
+        + (f" (revision {revision!r})" if revision else "")
+        + " — "
+        + "; ".join(failures)
+        + ". Check the network connection and the model id, or pass a local folder."
+    )
+    raise DownloadError(msg)
+
+
+def resolve_model_path(name: str | Path, *, revision: str | None = None, source: Source = "auto") -> Path:
+    """Return a local folder for ``name``: the folder itself, or a downloaded snapshot."""
+    if source not in SOURCES:
+        msg = f"source must be one of {', '.join(SOURCES)}; got {source!r}"
+        raise ValueError(msg)
+    path = Path(name).expanduser()
+    if source in ("auto", "local") and path.is_dir():
+        return path
+    if source == "local" or path.is_absolute() or str(name).startswith("."):
+        msg = f"Model folder {str(path)!r} does not exist"
+        raise CheckpointError(msg)
+    return _download(str(name), revision, source)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """List the checkpoint's weight files, preferring safetensors, via the index if any."""
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                msg = f"{index} is not a valid weights index: {e}"
+                raise CheckpointError(msg) from e
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                msg = f"{index} lists shards that are missing from {folder}: {', '.join(missing)}"
+                raise CheckpointError(msg)
+            return [folder / s for s in shards]
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+    msg = (
+        f"No weights in {folder}: expected model.safetensors, pytorch_model.bin, "
+        "or a sharded checkpoint with its index json"
+    )
+    raise CheckpointError(msg)
+
+
+def _check_weight_file(path: Path, config: BaichuanConfig) -> None:
+    """Check a weights file's framing (cheap) so corrupt files fail with their name."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                    _check_shape(path, key, tuple(f.get_slice(key).get_shape()), config)
+        else:
+            with zipfile.ZipFile(path):
+                pass
+    except CheckpointError:
+        raise
+    except Exception as e:
+        msg = f"Weights file {path} is truncated or corrupt: {type(e).__name__}: {e}"
+        raise CheckpointError(msg) from e
+
+
+def expected_shapes(config: BaichuanConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the official state-dict entries of one decoder layer and the ends."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    return {
+        "model.embed_tokens.weight": (v, h),
+        "self_attn.W_pack.weight": (3 * h, h),
+        "self_attn.o_proj.weight": (h, h),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+
+
+def _check_shape(path: Path, key: str, shape: tuple[int, ...], config: BaichuanConfig) -> None:
+    """Raise when a stored tensor's shape disagrees with config.json."""
+    short = key.split(".", 3)[-1] if key.startswith("model.layers.") else key
+    want = expected_shapes(config).get(short)
+    if want is not None and shape != want:
+        msg = (
+            f"Tensor {key!r} in {path} has shape {list(shape)}, but config.json implies "
+            f"{list(want)}: the weights do not match the config"
+        )
+        raise CheckpointError(msg)
+
+
+def read_config(folder: Path) -> BaichuanConfig:
+    """Read ``config.json`` and insist that it describes a Baichuan2 model."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        msg = f"{config_file} is missing: {folder} is not a model checkpoint folder"
+        raise CheckpointError(msg)
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as e:
+        msg = f"{config_file} is not valid JSON: {e}"
+        raise CheckpointError(msg) from e
+    model_type = raw.get("model_type")
+    if model_type != "baichuan":
+        msg = f"{config_file} is model_type {model_type!r}, not 'baichuan'"
+        raise CheckpointError(msg)
+    try:
+        return BaichuanConfig.from_pretrained(folder)
+    except Exception as e:
+        msg = f"{config_file} does not describe a Baichuan2 model: {e}"
+        raise CheckpointError(msg) from e
+
+
+def check_checkpoint(folder: Path) -> BaichuanConfig:
+    """Check that ``folder`` holds a complete Baichuan2 checkpoint; return its config."""
+    config = read_config(folder)
+    if not (folder / "tokenizer.model").is_file():
+        msg = f"{folder / 'tokenizer.model'} is missing: the tokenizer cannot be loaded"
+        raise CheckpointError(msg)
+    for path in _weight_files(folder):
+        _check_weight_file(path, config)
+    return config
+
+
+def load_model_and_tokenizer(
+    name: str | Path,
+    *,
+    revision: str | None = None,
+    source: Source = "auto",
+    dtype: DType | torch.dtype = "auto",
+    device_map: str | dict | None = None,
+    quantization: Quantization = None,
+) -> LoadedModel:
+    """Load a Baichuan2 checkpoint from a folder or a model id.
+
+    Args:
+        name: A local folder, or a model id such as ``"baichuan-inc/Baichuan2-7B-Chat"``.
+        revision: Branch, tag or commit of a downloaded model.
+        source: ``"auto"`` (a folder if it exists, else ModelScope then the HF Hub),
+            ``"local"``, ``"modelscope"`` or ``"huggingface"``.
+        dtype: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a dtype name.
+        device_map: Passed to transformers (``"auto"``, ``"cpu"``, ``"cuda:0"``, a dict);
+            None means ``"cuda"`` when a GPU is present, else ``"cpu"``.
+        quantization: ``"4bit"`` (NF4, double quant), ``"8bit"``, a
+            ``BitsAndBytesConfig``, or None.
+
+    Returns:
+        The model (eval mode, head normalized), tokenizer and generation defaults.
+    """
+    on_gpu = torch.cuda.is_available()
+    torch_dtype = resolve_dtype(dtype, on_gpu=on_gpu)
+    bnb_config = quantization_config(quantization, torch_dtype)
+    folder = resolve_model_path(name, revision=revision, source=source)
+    check_checkpoint(folder)
+    device_map = device_map or ("cuda" if on_gpu else "cpu")
+    try:
+        model = BaichuanForCausalLM.from_pretrained(
+            folder,
+            dtype=torch_dtype,
+            device_map=device_map,
+            quantization_config=bnb_config,
+            use_safetensors=None,
+            weights_only=True,
+            trust_remote_code=False,
+        )
+    except Exception as e:
+        msg = f"Could not load the weights in {folder}: {type(e).__name__}: {e}"
+        raise CheckpointError(msg) from e
+    model.eval()
+    tokenizer = BaichuanTokenizer.from_pretrained(folder)
+    generation_config = model.generation_config
+    footprint = ", ".join(
+        f"{dt} {n / 2**20:.1f} MiB" for dt, n in weight_bytes_by_dtype(model).items()
+    )
+    logger.info("Loaded Baichuan2 from %s on %s (%s)", folder, device_map, footprint)
+    return LoadedModel(model, tokenizer, generation_config, folder)
+
+
+class ModelRegistry:
+    """Shares one loaded model between every object that asks for the same settings."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, LoadedModel] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @staticmethod
+    def key(
+        name: str | Path,
+        revision: str | None,
+        source: Source,
+        dtype: DType | torch.dtype,
+        device_map: str | dict | None,
+        quantization: Quantization,
+    ) -> tuple:
+        """The identity of a load request (equal keys share one model)."""
+        path = Path(name).expanduser()
+        where = str(path.resolve()) if path.is_dir() else str(name)
+        quant = quantization.to_json_string() if isinstance(quantization, BitsAndBytesConfig) else quantization
+        device = json.dumps(device_map, sort_keys=True) if isinstance(device_map, dict) else device_map
+        return (where, revision, source, str(dtype), device, quant)
+
+    def get(
+        self,
+        name: str | Path,
+        *,
+        revision: str | None = None,
+        source: Source = "auto",
+        dtype: DType | torch.dtype = "auto",
+        device_map: str | dict | None = None,
+        quantization: Quantization = None,
+    ) -> LoadedModel:
+        """Return the shared model for these settings, loading it on first request."""
+        key = self.key(name, revision, source, dtype, device_map, quantization)
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one load per key, even when many threads ask at once
+            if key not in self._models:
+                self._models[key] = load_model_and_tokenizer(
+                    name,
+                    revision=revision,
+                    source=source,
+                    dtype=dtype,
+                    device_map=device_map,
+                    quantization=quantization,
+                )
+            return self._models[key]
+
+    def clear(self) -> None:
+        """Forget every loaded model (they are freed once no object holds them)."""
+        with self._guard:
+            self._models.clear()
+            self._locks.clear()
+
+
+registry = ModelRegistry()

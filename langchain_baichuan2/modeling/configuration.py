@@ -1,0 +1,88 @@
+"""Baichuan2 model configuration, reading the official ``config.json`` unchanged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+PositionEmbedding = Literal["rope", "alibi"]
+
+# The 7B release uses rotary positions with this fixed base; it has no key for it.
+ROPE_THETA = 10000.0
+
+
+@strict
+class BaichuanConfig(PreTrainedConfig):
+    """Configuration of a Baichuan2 decoder (7B: RoPE, 13B: ALiBi).
+
+    The position scheme is explicit: ``position_embedding`` may be set to ``"rope"``
+    or ``"alibi"``. When it is absent, as in the official files, it is derived from
+    the keys the official configs carry: the 7B ``config.json`` has
+    ``max_position_embeddings`` (RoPE), the 13B one has no position key (ALiBi).
+    This reads the file's own declaration instead of guessing from ``hidden_size``.
+
+    Example:
+        ```python
+        from langchain_baichuan2.modeling import BaichuanConfig
+
+        config = BaichuanConfig(hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                position_embedding="alibi")
+        ```
+    """
+
+    model_type = "baichuan"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 125696
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int | None = None
+    model_max_length: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    position_embedding: str | None = None
+    attention_dropout: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.position_embedding is None:
+            self.position_embedding = "rope" if self.max_position_embeddings else "alibi"
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self) -> None:
+        """Reject shapes and position schemes that fit neither Baichuan2 variant."""
+        if self.position_embedding not in ("rope", "alibi"):
+            msg = (
+                f"position_embedding must be 'rope' (7B) or 'alibi' (13B), "
+                f"got {self.position_embedding!r}"
+            )
+            raise ValueError(msg)
+        if self.hidden_size % self.num_attention_heads != 0:
+            msg = (
+                f"hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+            raise ValueError(msg)
+        if self.position_embedding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
+            msg = "RoPE needs an even head dimension (hidden_size / num_attention_heads)"
+            raise ValueError(msg)
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model handles (positions for RoPE, ``model_max_length``)."""
+        return self.max_position_embeddings or self.model_max_length
