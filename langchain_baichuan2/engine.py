@@ -14,14 +14,36 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
 from langchain_baichuan2.loading import LoadedModel
+
+
+# Extra generate() arguments the engine applies, each as transformers' own processor.
+EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int]], LogitsProcessor]] = {
+    "min_new_tokens": lambda v, prompt_len, eos: MinNewTokensLengthLogitsProcessor(
+        prompt_len, int(v), sorted(eos)
+    ),
+    "no_repeat_ngram_size": lambda v, prompt_len, eos: NoRepeatNGramLogitsProcessor(int(v)),
+    "suppress_tokens": lambda v, prompt_len, eos: SuppressTokensLogitsProcessor(list(v)),
+    "bad_words_ids": lambda v, prompt_len, eos: NoBadWordsLogitsProcessor(
+        [list(w) for w in v], sorted(eos)
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +57,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Extra ``generate()`` arguments as ``(name, value)`` pairs; see ``EXTRA_ARGUMENTS``."""
 
     def __post_init__(self) -> None:
+        unknown = sorted({name for name, _ in self.extra} - set(EXTRA_ARGUMENTS))
+        if unknown:
+            msg = (
+                f"Unsupported generate() argument(s) {', '.join(unknown)}; "
+                f"supported: {', '.join(EXTRA_ARGUMENTS)}"
+            )
+            raise ValueError(msg)
         check_sampling_values(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -95,16 +126,34 @@ class GenerationChunk:
 
 
 class _Request:
-    """One queued generation and the channel its chunks travel back on."""
+    """One queued generation and the channel its chunks travel back on.
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    Sync callers read a thread-safe queue; async callers get an ``asyncio.Queue``
+    fed through their event loop, so waiting never occupies a thread.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.cancelled = threading.Event()
-        self.outbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+        self.loop = loop
+        self.outbox: queue.SimpleQueue | asyncio.Queue = (
+            asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        )
 
     def send(self, item: GenerationChunk | BaseException) -> None:
-        self.outbox.put(item)
+        if self.loop is None:
+            self.outbox.put_nowait(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self.cancelled.set()
 
 
 class _Row:
@@ -119,10 +168,16 @@ class _Row:
         if params.temperature > 0 and params.seed is not None:
             self.generator = torch.Generator(device=engine.device).manual_seed(params.seed)
         self.output_ids: list[int] = []
+        self.generated = 0  # tokens produced, counting a final eos
+        self.finish_reason: str | None = None
+        self.processors = [
+            EXTRA_ARGUMENTS[name](value, len(request.prompt_ids), engine.eos_ids)
+            for name, value in params.extra
+        ]
 
     def push(self, token: int, eos_ids: set[int]) -> GenerationChunk | None:
         """Take one sampled token; return a chunk to send, or None; mark the finish."""
-        self.finish_reason: str | None = None
+        self.generated += 1
         if token in eos_ids:
             self.finish_reason = "stop"
             return self._final_text()
@@ -181,6 +236,9 @@ class Baichuan2Engine:
         loaded: The model, tokenizer and generation defaults to serve.
     """
 
+    # How long the worker waits for the rest of an announced group (see ``gather``).
+    GATHER_TIMEOUT = 1.0
+
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -189,62 +247,55 @@ class Baichuan2Engine:
         eos = loaded.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else 2])
         self.pad_id = self.model.config.pad_token_id or 0
-        self._inbox: queue.SimpleQueue[list[_Request]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._announced = threading.Condition()
+        self._expected = 0
 
     # -- submitting -------------------------------------------------------------------
 
-    def _submit(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[_Request]:
-        for ids in prompts:
-            if not ids:
-                raise ValueError("The prompt is empty: there is nothing to generate from")
-        requests = [_Request(ids, p) for ids, p in zip(prompts, params, strict=True)]
-        with self._start_lock:
+    @contextmanager
+    def gather(self, count: int) -> Iterator[None]:
+        """Announce ``count`` requests about to arrive from other threads or tasks.
+
+        The worker waits (up to ``GATHER_TIMEOUT``) until they are all queued, so
+        they start together as one batch instead of one by one.
+        """
+        with self._announced:
+            self._expected += count
+        try:
+            yield
+        finally:
+            with self._announced:
+                self._expected = max(0, self._expected - count)
+                self._announced.notify_all()
+
+    def _submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> _Request:
+        if not prompt_ids:
+            raise ValueError("The prompt is empty: there is nothing to generate from")
+        request = _Request(prompt_ids, params, loop)
+        with self._announced:
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(
                     target=self._serve, name="baichuan2-engine", daemon=True
                 )
                 self._worker.start()
-        self._inbox.put(requests)
-        return requests
+            self._inbox.put(request)
+            self._expected = max(0, self._expected - 1)
+            self._announced.notify_all()
+        return request
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationChunk]:
         """Yield text deltas, then a final chunk with the finish reason and counts.
 
         Leaving the loop early (closing the generator) cancels the request.
         """
-        (request,) = self._submit([prompt_ids], [params])
-        return self._drain(request)
-
-    def generate_batch(
-        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
-    ) -> list[GenerationChunk]:
-        """Run several prompts as one batch; return one merged chunk per prompt."""
-        requests = self._submit(prompts, params)
-        return [merge_chunks(self._drain(r)) for r in requests]
-
-    async def astream(
-        self, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[GenerationChunk]:
-        """Async version of :meth:`stream`; waiting never blocks the event loop.
-
-        Cancelling the consuming task cancels the request.
-        """
-        (request,) = self._submit([prompt_ids], [params])
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                item = await loop.run_in_executor(None, request.outbox.get)
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            request.cancelled.set()
-
-    def _drain(self, request: _Request) -> Iterator[GenerationChunk]:
+        request = self._submit(prompt_ids, params)
         try:
             while True:
                 item = request.outbox.get()
@@ -256,18 +307,43 @@ class Baichuan2Engine:
         finally:
             request.cancelled.set()
 
+    async def astream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """Async version of :meth:`stream`; waiting never blocks the event loop.
+
+        Cancelling the consuming task cancels the request.
+        """
+        request = self._submit(prompt_ids, params, asyncio.get_running_loop())
+        try:
+            while True:
+                item = await request.outbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled.set()
+
     # -- the worker ---------------------------------------------------------------------
+
+    def _take_waiting(self) -> list[_Request]:
+        """Block for one request, then take all others queued or announced."""
+        requests = [self._inbox.get()]
+        deadline = time.monotonic() + self.GATHER_TIMEOUT
+        with self._announced:
+            while self._expected > 0 and time.monotonic() < deadline:
+                self._announced.wait(deadline - time.monotonic())
+        while True:
+            try:
+                requests.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return [r for r in requests if not r.cancelled.is_set()]
 
     def _serve(self) -> None:
         while True:
-            requests = self._inbox.get()
-            # Everything that arrived meanwhile joins this batch.
-            while True:
-                try:
-                    requests.extend(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            requests = [r for r in requests if not r.cancelled.is_set()]
+            requests = self._take_waiting()
             if not requests:
                 continue
             try:
@@ -307,6 +383,9 @@ class Baichuan2Engine:
             start = time.perf_counter()
             while rows:
                 logits = _apply_repetition_penalty(logits, seen, seen_mask, penalty)
+                for i, row in enumerate(rows):
+                    for processor in row.processors:
+                        logits[i : i + 1] = processor(seen[i : i + 1, seen_mask[i]], logits[i : i + 1])
                 tokens = self._pick(logits, rows, temperature, top_k, top_p)
                 keep = []
                 for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
@@ -317,16 +396,16 @@ class Baichuan2Engine:
                         row.request.send(chunk)
                     if row.finish_reason is None:
                         keep.append(i)
-                    else:
-                        row.request.send(
-                            GenerationChunk(
-                                finish_reason=row.finish_reason,
-                                prompt_tokens=len(row.request.prompt_ids),
-                                completion_tokens=len(row.output_ids),
-                                prompt_seconds=prompt_seconds,
-                                generation_seconds=time.perf_counter() - start,
-                            )
+                        continue
+                    row.request.send(
+                        GenerationChunk(
+                            finish_reason=row.finish_reason,
+                            prompt_tokens=len(row.request.prompt_ids),
+                            completion_tokens=row.generated,
+                            prompt_seconds=prompt_seconds,
+                            generation_seconds=time.perf_counter() - start,
                         )
+                    )
                 if not keep:
                     return
                 if len(keep) < len(rows):  # drop finished rows from the batch

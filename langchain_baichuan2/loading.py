@@ -172,15 +172,20 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(msg)
 
 
-def _check_weight_file(path: Path, config: BaichuanConfig) -> None:
-    """Check a weights file's framing (cheap) so corrupt files fail with their name."""
+def _check_weight_file(path: Path, config: BaichuanConfig | None) -> None:
+    """Check a weights file's framing (cheap) so corrupt files fail with their name.
+
+    With a ``config``, safetensors shapes are checked against it too (quantized
+    checkpoints store packed shapes, so they pass None).
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                    _check_shape(path, key, tuple(f.get_slice(key).get_shape()), config)
+                    if config is not None:
+                        _check_shape(path, key, tuple(f.get_slice(key).get_shape()), config)
         else:
             with zipfile.ZipFile(path):
                 pass
@@ -248,8 +253,9 @@ def check_checkpoint(folder: Path) -> BaichuanConfig:
     if not (folder / "tokenizer.model").is_file():
         msg = f"{folder / 'tokenizer.model'} is missing: the tokenizer cannot be loaded"
         raise CheckpointError(msg)
+    quantized = getattr(config, "quantization_config", None) is not None
     for path in _weight_files(folder):
-        _check_weight_file(path, config)
+        _check_weight_file(path, None if quantized else config)
     return config
 
 

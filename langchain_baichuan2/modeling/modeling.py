@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -49,8 +50,14 @@ class BaichuanRotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = ROPE_THETA) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.base = base
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """Inverse frequencies ``base^(-2i/head_dim)``, fp32."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+        return 1.0 / (self.base**exponents)
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor
@@ -170,6 +177,13 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # transformers builds models on the meta device; non-persistent buffers such
+        # as the rotary frequencies must be recomputed when weights are materialized.
+        if isinstance(module, BaichuanRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
 def _alibi_mask(

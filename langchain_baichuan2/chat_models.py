@@ -1,0 +1,449 @@
+"""ChatBaichuan2: the LangChain chat model for locally run Baichuan2 checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from pydantic import ConfigDict, Field, field_validator, model_validator
+from transformers import BitsAndBytesConfig
+
+from langchain_baichuan2.engine import (
+    Baichuan2Engine,
+    GenerationChunk,
+    SamplingParams,
+    check_sampling_values,
+    engine_for,
+)
+from langchain_baichuan2.loading import SOURCES, LoadedModel, registry
+from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def _usage(final: GenerationChunk) -> UsageMetadata:
+    """Token counts of one call, measured from the ids."""
+    return UsageMetadata(
+        input_tokens=final.prompt_tokens,
+        output_tokens=final.completion_tokens,
+        total_tokens=final.prompt_tokens + final.completion_tokens,
+    )
+
+
+def _response_metadata(final: GenerationChunk, model_name: str, prompt: ChatPrompt) -> dict:
+    """Finish reason, timings and truncation facts of one call."""
+    seconds = final.generation_seconds
+    return {
+        "model_name": model_name,
+        "model_provider": "baichuan2",
+        "finish_reason": final.finish_reason,
+        "prompt_seconds": final.prompt_seconds,
+        "generation_seconds": seconds,
+        "prompt_tokens_per_second": final.prompt_tokens / final.prompt_seconds
+        if final.prompt_seconds
+        else None,
+        "tokens_per_second": final.completion_tokens / seconds if seconds else None,
+        "dropped_rounds": prompt.dropped_rounds,
+    }
+
+
+class ChatBaichuan2(BaseChatModel):
+    """Baichuan2 chat model running locally, exact to the official ``model.chat``.
+
+    Messages become Baichuan2's role-token prompt exactly as the official
+    ``build_chat_input`` builds it (system text, user token 195, assistant token 196,
+    oldest rounds dropped to fit ``model_max_length - max_tokens``). The weights load
+    lazily, once, on the first call, and are shared with every ``ChatBaichuan2`` and
+    ``Baichuan2Embeddings`` configured alike.
+
+    Setup:
+        ```bash
+        pip install torch  # the build for your GPU, or torch==2.13.0 on CPU
+        pip install langchain-baichuan2
+        ```
+
+    Key init args — completion params:
+        temperature: Sampling temperature; 0 means greedy. Default: the checkpoint's.
+        max_tokens: Most new tokens per answer. Default: the checkpoint's (2048).
+        stop: Strings that end the answer (not included in it).
+
+    Key init args — client params:
+        model: A local folder or a model id such as ``"baichuan-inc/Baichuan2-7B-Chat"``.
+        dtype / device_map / quantization: How the weights are placed.
+
+    Instantiate:
+        ```python
+        from langchain_baichuan2 import ChatBaichuan2
+
+        llm = ChatBaichuan2(model="baichuan-inc/Baichuan2-7B-Chat", temperature=0)
+        ```
+
+    Invoke:
+        ```python
+        messages = [
+            ("system", "You are a helpful assistant."),
+            ("human", "解释一下“温故而知新”"),
+        ]
+        llm.invoke(messages)
+        ```
+
+    Stream:
+        ```python
+        for chunk in llm.stream(messages):
+            print(chunk.text, end="", flush=True)
+        ```
+
+    Async:
+        ```python
+        await llm.ainvoke(messages)
+        async for chunk in llm.astream(messages):
+            print(chunk.text, end="")
+        ```
+
+    Token usage:
+        ```python
+        llm.invoke(messages).usage_metadata
+        # {"input_tokens": 21, "output_tokens": 57, "total_tokens": 78}
+        ```
+
+    Response metadata:
+        ```python
+        llm.invoke(messages).response_metadata
+        # {"model_name": "baichuan-inc/Baichuan2-7B-Chat", "finish_reason": "stop",
+        #  "prompt_seconds": 0.05, "generation_seconds": 1.9, "tokens_per_second": 30.1,
+        #  "dropped_rounds": 0, ...}
+        ```
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    model: str = Field(alias="model_name")
+    """A local checkpoint folder, or a model id (``"baichuan-inc/Baichuan2-13B-Chat"``)."""
+
+    revision: str | None = None
+    """Branch, tag or commit of a downloaded model. Default: the hub's default."""
+
+    source: Literal["auto", "local", "modelscope", "huggingface"] = "auto"
+    """Where ``model`` comes from: ``"auto"`` uses a folder if it exists, else
+    ModelScope, then the Hugging Face Hub."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weight dtype; ``"auto"`` is bfloat16 on GPU and float32 on CPU."""
+
+    device_map: str | dict | None = None
+    """transformers ``device_map``; None puts the model on the GPU if any, else CPU."""
+
+    quantization: Literal["4bit", "8bit"] | BitsAndBytesConfig | None = None
+    """bitsandbytes quantization at load: ``"4bit"`` (NF4, double quant), ``"8bit"``,
+    or a ``BitsAndBytesConfig``. Default: none."""
+
+    temperature: float | None = None
+    """Sampling temperature, >= 0; 0 means greedy. Default: the checkpoint's (0.3)."""
+
+    top_p: float | None = None
+    """Nucleus sampling mass in (0, 1]. Default: the checkpoint's (0.85)."""
+
+    top_k: int | None = None
+    """Sample among the k likeliest tokens; 0 disables. Default: the checkpoint's (5)."""
+
+    repetition_penalty: float | None = None
+    """Penalty > 0 for tokens already present (1 = none). Default: the checkpoint's (1.05)."""
+
+    max_tokens: int | None = None
+    """Most new tokens per answer, >= 1. Default: the checkpoint's ``max_new_tokens``."""
+
+    stop: list[str] | None = None
+    """Strings that end the answer; the answer stops before them. Per-call ``stop`` is
+    added to these."""
+
+    seed: int | None = None
+    """Seed for sampling, so a sampled answer can be repeated. Default: random."""
+
+    model_max_length: int | None = None
+    """Context size used for history truncation. Default: the checkpoint's (4096)."""
+
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``generate()`` arguments: ``min_new_tokens``, ``no_repeat_ngram_size``,
+    ``suppress_tokens``, ``bad_words_ids``. Others are rejected with an error."""
+
+    streaming: bool = False
+    """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
+
+    timeout: float | None = None
+    """Accepted for compatibility with LangChain's standard arguments; a local model
+    has no request timeout, so it is unused."""
+
+    max_retries: int | None = None
+    """Accepted for compatibility with LangChain's standard arguments; unused locally."""
+
+    api_key: str | None = None
+    """Accepted for compatibility with LangChain's standard arguments; unused locally."""
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if value not in SOURCES:
+            msg = f"source must be one of {', '.join(SOURCES)}; got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> ChatBaichuan2:
+        check_sampling_values(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_new_tokens=self.max_tokens,
+        )
+        SamplingParams(max_new_tokens=1, extra=tuple(self.model_kwargs.items()))
+        return self
+
+    # -- LangChain identity ---------------------------------------------------------
+
+    @property
+    def _llm_type(self) -> str:
+        return "chat-baichuan2"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": self.model,
+            "revision": self.revision,
+            "source": self.source,
+            "dtype": self.dtype,
+            "device_map": self.device_map,
+            "quantization": self.quantization,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "model_max_length": self.model_max_length,
+            "model_kwargs": self.model_kwargs,
+        }
+        return params
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="baichuan2",
+            ls_model_name=kwargs.get("model") or self.model,
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = self._stops(stop)
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    # -- the model behind it --------------------------------------------------------
+
+    def loaded_model(self, model: str | None = None) -> LoadedModel:
+        """Return the shared loaded model (loading it on first use)."""
+        return registry.get(
+            model or self.model,
+            revision=self.revision,
+            source=self.source,  # type: ignore[arg-type]
+            dtype=self.dtype,  # type: ignore[arg-type]
+            device_map=self.device_map,
+            quantization=self.quantization,
+        )
+
+    def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
+        """Construction-time stops plus per-call stops, without duplicates."""
+        stops = [*(self.stop or []), *(stop or [])]
+        return tuple(dict.fromkeys(stops))
+
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Baichuan2Engine, ChatPrompt, SamplingParams, str]:
+        """Resolve the model, the prompt ids and the sampling settings of one call."""
+        model_name = kwargs.get("model") or self.model
+        loaded = self.loaded_model(model_name)
+        defaults = loaded.generation_config
+
+        def pick(name: str, default: Any) -> Any:
+            """The per-call value, else the field, else the checkpoint's default."""
+            for value in (kwargs.get(name), getattr(self, name)):
+                if value is not None:
+                    return value
+            return default
+
+        do_sample = bool(getattr(defaults, "do_sample", False))
+        temperature = pick("temperature", defaults.temperature if do_sample else 0.0)
+        max_tokens = pick("max_tokens", defaults.max_new_tokens or 2048)
+        check_sampling_values(temperature=temperature, max_new_tokens=max_tokens)
+        extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
+        params = SamplingParams(
+            max_new_tokens=int(max_tokens),
+            temperature=float(temperature),
+            top_p=float(pick("top_p", defaults.top_p if do_sample else 1.0) or 1.0),
+            top_k=int(pick("top_k", defaults.top_k if do_sample else 0) or 0),
+            repetition_penalty=float(pick("repetition_penalty", defaults.repetition_penalty or 1.0)),
+            seed=pick("seed", None),
+            stop=self._stops(stop),
+            extra=tuple(extra.items()),
+        )
+        context = pick("model_max_length", loaded.model.config.model_max_length)
+        prompt = build_chat_prompt(
+            messages,
+            loaded.tokenizer,
+            model_max_length=int(context),
+            max_new_tokens=params.max_new_tokens,
+            user_token_id=getattr(defaults, "user_token_id", 195),
+            assistant_token_id=getattr(defaults, "assistant_token_id", 196),
+        )
+        if prompt.truncated:
+            logger.warning(
+                "The prompt was cut on the left to fit model_max_length - max_tokens = %d tokens",
+                int(context) - params.max_new_tokens,
+            )
+        return engine_for(loaded), prompt, params, model_name
+
+    # -- generation -----------------------------------------------------------------
+
+    def _chunk(
+        self, piece: GenerationChunk, prompt: ChatPrompt, model_name: str
+    ) -> ChatGenerationChunk:
+        """Turn an engine chunk into a LangChain chunk (the final one carries metadata)."""
+        if piece.finish_reason is None:
+            return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=piece.text,
+                usage_metadata=_usage(piece),
+                response_metadata=_response_metadata(piece, model_name, prompt),
+                chunk_position="last",
+            ),
+            generation_info={"finish_reason": piece.finish_reason},
+        )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # LangChain's stream() reports each chunk to on_llm_new_token itself.
+        engine, prompt, params, model_name = self._prepare(messages, stop, kwargs)
+        for piece in engine.stream(prompt.input_ids, params):
+            yield self._chunk(piece, prompt, model_name)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        # Loading the model and tokenizing are blocking; keep them off the event loop.
+        engine, prompt, params, model_name = await asyncio.to_thread(
+            self._prepare, messages, stop, kwargs
+        )
+        async for piece in engine.astream(prompt.input_ids, params):
+            yield self._chunk(piece, prompt, model_name)
+
+    @staticmethod
+    def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
+        """Join streamed chunks into the single message ``invoke`` returns."""
+        merged = chunks[0]
+        for chunk in chunks[1:]:
+            merged += chunk
+        message = merged.message
+        result = AIMessage(
+            content=message.content,
+            usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata,
+            id=message.id,
+        )
+        return ChatResult(
+            generations=[ChatGeneration(message=result, generation_info=merged.generation_info)]
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._result(list(self._stream(messages, stop, **kwargs)))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._result([c async for c in self._astream(messages, stop, **kwargs)])
+
+    # -- batching -------------------------------------------------------------------
+
+    def _batch_config(
+        self, count: int, config: RunnableConfig | list[RunnableConfig] | None
+    ) -> RunnableConfig | list[RunnableConfig]:
+        """Let every input of a batch run at once, so they decode as one batch."""
+        if isinstance(config, list):
+            return [{**c, "max_concurrency": c.get("max_concurrency") or count} for c in config]
+        config = config or {}
+        return {**config, "max_concurrency": config.get("max_concurrency") or count}
+
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """Run the inputs as one left-padded batch on the model (not one by one)."""
+        if not inputs:
+            return []
+        engine = engine_for(self.loaded_model(kwargs.get("model")))
+        with engine.gather(len(inputs)):
+            return super().batch(
+                inputs,
+                self._batch_config(len(inputs), config),
+                return_exceptions=return_exceptions,
+                **kwargs,
+            )
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[BaseMessage]:
+        """Async :meth:`batch`: the inputs decode together as one batch."""
+        if not inputs:
+            return []
+        loaded = await asyncio.to_thread(self.loaded_model, kwargs.get("model"))
+        with engine_for(loaded).gather(len(inputs)):
+            return await super().abatch(
+                inputs,
+                self._batch_config(len(inputs), config),
+                return_exceptions=return_exceptions,
+                **kwargs,
+            )

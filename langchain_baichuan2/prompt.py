@@ -1,0 +1,254 @@
+r"""LangChain messages to Baichuan2 prompt ids, exactly as the official ``build_chat_input``.
+
+The official algorithm (``generation_utils.build_chat_input``, used by ``model.chat``):
+
+1. ``max_input = model_max_length - max_new_tokens``.
+2. The system text is encoded as plain ids, with no role token.
+3. The other messages are split into rounds, a new round starting at each user
+   message. A user message becomes ``[user_token_id] + encode(text)``; any other role
+   becomes ``[assistant_token_id] + encode(text)``. No EOS, no separators. A message
+   before the first user message (e.g. a leading ``AIMessage``) therefore opens a round
+   of its own, as in the official code.
+4. Rounds are taken newest first within ``max_input - len(system ids)``: the newest
+   round is always kept, even when it alone is over budget; the walk stops at the first
+   round that does not fit, and once the history fills the budget.
+5. ``ids = system + history``, then ``assistant_token_id`` unless the last message is
+   an assistant message (the model then continues that message), then only the last
+   ``max_input`` ids are kept. That cut can remove the start of the system prompt, or
+   of an over-long newest round; :attr:`ChatPrompt.truncated` reports it and the
+   caller decides whether to warn or raise.
+
+Rules for what the official code leaves undefined (it asserts a system message can
+only come first and knows only role/content dicts):
+
+- Several leading system messages are joined with ``"\n"`` into one system text.
+- A system message after the first non-system message becomes a user turn
+  (``[user_token_id] + encode(text)``, opening a round like any user message):
+  Baichuan2 has no system token, and a user turn keeps the instruction in front of the
+  model where it was placed.
+- ``HumanMessage`` and ``ChatMessage`` roles ``"user"``/``"human"`` are user;
+  ``AIMessage`` and roles ``"assistant"``/``"ai"`` are assistant; ``SystemMessage``
+  and role ``"system"`` are system. Any other ``ChatMessage`` role, tool and function
+  messages, and other message types raise ``ValueError``.
+- A user message with a ``name`` is rendered as ``"{name}: {text}"`` so the model can
+  tell speakers apart; names on assistant and system messages are ignored, because a
+  prefixed assistant turn would teach the model to start its replies with a name.
+- List content: plain strings and ``{"type": "text"}`` blocks are joined with ``""``
+  (the blocks of one message are pieces of one text); any other block raises
+  ``ValueError`` naming its type. An ``AIMessage`` holding only tool calls renders as
+  empty text.
+- An empty message list raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+Role = Literal["system", "user", "assistant"]
+
+_CHAT_MESSAGE_ROLES: dict[str, Role] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+}
+
+
+class Encoder(Protocol):
+    """Text to token ids; ``BaichuanTokenizer`` and every transformers tokenizer fit.
+
+    It is always called as ``encode(text, add_special_tokens=False)``: the official
+    prompt has no BOS/EOS, and a transformers tokenizer configured to add them would
+    otherwise put them around every message.
+    """
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Returns the ids of ``text``, with BOS/EOS only if ``add_special_tokens``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A Baichuan2 chat prompt and what truncation did to it."""
+
+    input_ids: list[int]
+    """The prompt ids, at most ``model_max_length - max_new_tokens`` long."""
+    dropped_rounds: int
+    """How many of the oldest rounds were left out to fit the budget."""
+    truncated: bool
+    """True when the final left cut removed ids (of the system prompt or newest round)."""
+
+
+def message_text(message: BaseMessage) -> str:
+    """Returns the text of a message's content, a string or a list of text blocks.
+
+    Args:
+        message: Any LangChain message.
+
+    Returns:
+        The content itself if it is a string, else its text blocks joined with ``""``.
+
+    Raises:
+        ValueError: If the content holds a block that is not text (e.g. an image).
+    """
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for block in message.content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif block.get("type") == "text":
+            parts.append(block["text"])
+        else:
+            msg = (
+                "ChatBaichuan2 accepts text only; "
+                f"got a content block of type {block.get('type')!r}"
+            )
+            raise ValueError(msg)
+    return "".join(parts)
+
+
+def message_role_and_text(message: BaseMessage) -> tuple[Role, str]:
+    """Returns the Baichuan2 role of a message and the text its turn renders.
+
+    Args:
+        message: A human, AI, system or chat message.
+
+    Returns:
+        The role and the text; a user message's ``name`` prefixes it as ``"name: "``.
+
+    Raises:
+        ValueError: For tool, function and unknown messages, an unknown ``ChatMessage``
+            role, or non-text content.
+    """
+    role: Role
+    if isinstance(message, HumanMessage):
+        role = "user"
+    elif isinstance(message, AIMessage):
+        role = "assistant"
+    elif isinstance(message, SystemMessage):
+        role = "system"
+    elif isinstance(message, ChatMessage):
+        if message.role not in _CHAT_MESSAGE_ROLES:
+            msg = (
+                f"ChatMessage role {message.role!r} is not supported; "
+                f"use one of {sorted(_CHAT_MESSAGE_ROLES)}"
+            )
+            raise ValueError(msg)
+        role = _CHAT_MESSAGE_ROLES[message.role]
+    elif isinstance(message, (ToolMessage, FunctionMessage)):
+        msg = (
+            f"{type(message).__name__} is not supported yet: Baichuan2 has no tool role, "
+            "so tool results cannot be put in the prompt"
+        )
+        raise ValueError(msg)
+    else:
+        msg = (
+            f"Unsupported message type {type(message).__name__}; "
+            "use HumanMessage, AIMessage, SystemMessage or ChatMessage"
+        )
+        raise ValueError(msg)
+    text = message_text(message)
+    if role == "user" and message.name:
+        text = f"{message.name}: {text}"
+    return role, text
+
+
+def _system_and_rounds(
+    turns: Sequence[tuple[Role, str]],
+) -> tuple[str, list[list[tuple[Role, str]]]]:
+    """Splits turns into the leading system text and rounds that start at user turns."""
+    leading = 0
+    while leading < len(turns) and turns[leading][0] == "system":
+        leading += 1
+    system = "\n".join(text for _, text in turns[:leading])
+    rounds: list[list[tuple[Role, str]]] = []
+    for role, text in turns[leading:]:
+        # Baichuan2 has no system token mid-conversation; see the module docstring.
+        turn_role: Role = "user" if role == "system" else role
+        if turn_role == "user" or not rounds:
+            rounds.append([])
+        rounds[-1].append((turn_role, text))
+    return system, rounds
+
+
+def build_chat_prompt(
+    messages: Sequence[BaseMessage],
+    tokenizer: Encoder,
+    *,
+    model_max_length: int,
+    max_new_tokens: int,
+    user_token_id: int = 195,
+    assistant_token_id: int = 196,
+) -> ChatPrompt:
+    """Builds the prompt ids of a conversation as the official ``build_chat_input`` does.
+
+    Args:
+        messages: The conversation, oldest first.
+        tokenizer: Encodes each message's text (see :class:`Encoder`).
+        model_max_length: The model's context length (4096 for Baichuan2).
+        max_new_tokens: Tokens reserved for the reply.
+        user_token_id: The token that opens a user turn.
+        assistant_token_id: The token that opens an assistant turn.
+
+    Returns:
+        The prompt ids, with how many old rounds were dropped and whether the final
+        left cut removed anything.
+
+    Raises:
+        ValueError: If ``messages`` is empty, ``max_new_tokens`` leaves no room for
+            the prompt, or a message cannot be rendered (see the module docstring).
+    """
+    max_input = model_max_length - max_new_tokens
+    if max_input <= 0:
+        msg = (
+            f"max_tokens ({max_new_tokens}) leaves no room for the prompt in "
+            f"model_max_length ({model_max_length})"
+        )
+        raise ValueError(msg)
+    if not messages:
+        raise ValueError("messages is empty: a chat prompt needs at least one message")
+
+    turns = [message_role_and_text(message) for message in messages]
+    system, rounds = _system_and_rounds(turns)
+    system_ids = tokenizer.encode(system, add_special_tokens=False) if system else []
+    budget = max_input - len(system_ids)
+
+    # Newest first and encoded lazily, so older rounds are never tokenized once one
+    # does not fit. The official "stop once the history fills the budget" needs no
+    # test of its own: every round has at least its role token, so none fits then.
+    kept: list[list[int]] = []
+    history_len = 0
+    for round_ in reversed(rounds):
+        round_ids: list[int] = []
+        for role, text in round_:
+            round_ids.append(user_token_id if role == "user" else assistant_token_id)
+            round_ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        if kept and history_len + len(round_ids) > budget:
+            break
+        kept.append(round_ids)
+        history_len += len(round_ids)
+
+    ids = list(system_ids)
+    for round_ids in reversed(kept):
+        ids.extend(round_ids)
+    if turns[-1][0] != "assistant":
+        ids.append(assistant_token_id)
+    return ChatPrompt(
+        input_ids=ids[-max_input:],
+        dropped_rounds=len(rounds) - len(kept),
+        truncated=len(ids) > max_input,
+    )
