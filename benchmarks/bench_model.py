@@ -67,7 +67,9 @@ def as_llama(model: BaichuanForCausalLM) -> LlamaForCausalLM:
 @torch.inference_mode()
 def speed(model, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float, float]:
     """Best-of-``repeats`` prefill and decode tokens/s through ``generate()``."""
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1)
+    )
     prefill, decode = [], []
     model.generate(ids[:, :8], max_new_tokens=2, do_sample=False)  # warm-up
     for _ in range(repeats):
@@ -75,7 +77,9 @@ def speed(model, prompt_len: int, new_tokens: int, repeats: int) -> tuple[float,
         model(ids)
         prefill.append(prompt_len / (time.perf_counter() - start))
         start = time.perf_counter()
-        model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        model.generate(
+            ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
         decode.append(new_tokens / (time.perf_counter() - start))
     return max(prefill), max(decode)
 
@@ -121,22 +125,32 @@ def main() -> None:
         rows.append((name, *speed(model, args.prompt, args.new_tokens, args.repeats)))
     del llama
     alibi = build(args, "alibi")
-    rows.append(("baichuan2 13b-variant", *speed(alibi, args.prompt, args.new_tokens, args.repeats)))
+    rows.append(
+        ("baichuan2 13b-variant", *speed(alibi, args.prompt, args.new_tokens, args.repeats))
+    )
 
-    print(f"hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, fp32, "
-          f"{torch.get_num_threads()} CPU threads, prompt {args.prompt}, {args.new_tokens} new tokens")
+    print(
+        f"hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, fp32, "
+        f"{torch.get_num_threads()} CPU threads, prompt {args.prompt}, {args.new_tokens} new tokens"
+    )
     print(f"{'model':24s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for name, prefill, decode in rows:
         print(f"{name:24s} {prefill:14.1f} {decode:13.2f}")
     base = rows[0]
-    print(f"ratio 7b-variant / llama: prefill {rows[1][1] / base[1]:.3f}, decode {rows[1][2] / base[2]:.3f} "
-          f"(target decode >= 0.95)")
+    print(
+        f"ratio 7b-variant / llama: prefill {rows[1][1] / base[1]:.3f}, "
+        f"decode {rows[1][2] / base[2]:.3f} (target decode >= 0.95)"
+    )
 
-    ids = torch.randint(3, args.vocab, (1, args.context), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        3, args.vocab, (1, args.context), generator=torch.Generator().manual_seed(2)
+    )
     with torch.inference_mode():
         seconds, peak = peak_rss_during(lambda: alibi(ids, logits_to_keep=1))
-    print(f"13b-variant prefill of {args.context} tokens: {seconds:.2f} s "
-          f"({args.context / seconds:.1f} tok/s), peak memory growth {peak / 2**20:.0f} MiB")
+    print(
+        f"13b-variant prefill of {args.context} tokens: {seconds:.2f} s "
+        f"({args.context / seconds:.1f} tok/s), peak memory growth {peak / 2**20:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

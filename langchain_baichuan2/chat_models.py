@@ -297,7 +297,9 @@ class ChatBaichuan2(BaseChatModel):
             temperature=float(temperature),
             top_p=float(pick("top_p", defaults.top_p if do_sample else 1.0) or 1.0),
             top_k=int(pick("top_k", defaults.top_k if do_sample else 0) or 0),
-            repetition_penalty=float(pick("repetition_penalty", defaults.repetition_penalty or 1.0)),
+            repetition_penalty=float(
+                pick("repetition_penalty", defaults.repetition_penalty or 1.0)
+            ),
             seed=pick("seed", None),
             stop=self._stops(stop),
             extra=tuple(extra.items()),

@@ -32,7 +32,6 @@ from transformers.generation.logits_process import (
 from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
 from langchain_baichuan2.loading import LoadedModel
 
-
 # Extra generate() arguments the engine applies, each as transformers' own processor.
 EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int]], LogitsProcessor]] = {
     "min_new_tokens": lambda v, prompt_len, eos: MinNewTokensLengthLogitsProcessor(
@@ -215,7 +214,9 @@ def _apply_repetition_penalty(
     return logits.scatter(1, seen, torch.where(seen_mask, penalized, picked))
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _filter_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Mask logits outside each row's top-k and nucleus (top-p) sets with -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
@@ -290,7 +291,9 @@ class Baichuan2Engine:
             self._announced.notify_all()
         return request
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> Iterator[GenerationChunk]:
         """Yield text deltas, then a final chunk with the finish reason and counts.
 
         Leaving the loop early (closing the generator) cancels the request.
@@ -376,16 +379,26 @@ class Baichuan2Engine:
         with self.loaded.lock:
             cache = DynamicCache(config=self.model.config)
             start = time.perf_counter()
-            logits = self.model(
-                input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1
-            ).logits[:, -1].float()
+            logits = (
+                self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                .logits[:, -1]
+                .float()
+            )
             prompt_seconds = time.perf_counter() - start
             start = time.perf_counter()
             while rows:
                 logits = _apply_repetition_penalty(logits, seen, seen_mask, penalty)
                 for i, row in enumerate(rows):
                     for processor in row.processors:
-                        logits[i : i + 1] = processor(seen[i : i + 1, seen_mask[i]], logits[i : i + 1])
+                        logits[i : i + 1] = processor(
+                            seen[i : i + 1, seen_mask[i]], logits[i : i + 1]
+                        )
                 tokens = self._pick(logits, rows, temperature, top_k, top_p)
                 keep = []
                 for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
@@ -413,17 +426,27 @@ class Baichuan2Engine:
                     rows = [rows[i] for i in keep]
                     cache.batch_select_indices(index)
                     tokens, mask, seen, seen_mask = (
-                        tokens[index], mask[index], seen[index], seen_mask[index]
+                        tokens[index],
+                        mask[index],
+                        seen[index],
+                        seen_mask[index],
                     )
                     temperature, top_k, top_p, penalty = (
-                        temperature[index], top_k[index], top_p[index], penalty[index]
+                        temperature[index],
+                        top_k[index],
+                        top_p[index],
+                        penalty[index],
                     )
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 seen = torch.cat([seen, tokens[:, None]], dim=1)
                 seen_mask = torch.cat([seen_mask, seen_mask.new_ones((len(rows), 1))], dim=1)
-                logits = self.model(
-                    input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True
-                ).logits[:, -1].float()
+                logits = (
+                    self.model(
+                        input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
 
     def _pick(
         self,

@@ -131,7 +131,9 @@ def _download(name: str, revision: str | None, source: Source) -> Path:
     raise DownloadError(msg)
 
 
-def resolve_model_path(name: str | Path, *, revision: str | None = None, source: Source = "auto") -> Path:
+def resolve_model_path(
+    name: str | Path, *, revision: str | None = None, source: Source = "auto"
+) -> Path:
     """Return a local folder for ``name``: the folder itself, or a downloaded snapshot."""
     if source not in SOURCES:
         msg = f"source must be one of {', '.join(SOURCES)}; got {source!r}"
@@ -333,8 +335,14 @@ class ModelRegistry:
         """The identity of a load request (equal keys share one model)."""
         path = Path(name).expanduser()
         where = str(path.resolve()) if path.is_dir() else str(name)
-        quant = quantization.to_json_string() if isinstance(quantization, BitsAndBytesConfig) else quantization
-        device = json.dumps(device_map, sort_keys=True) if isinstance(device_map, dict) else device_map
+        quant = (
+            quantization.to_json_string()
+            if isinstance(quantization, BitsAndBytesConfig)
+            else quantization
+        )
+        device = (
+            json.dumps(device_map, sort_keys=True) if isinstance(device_map, dict) else device_map
+        )
         return (where, revision, source, str(dtype), device, quant)
 
     def get(

@@ -57,7 +57,12 @@ def test_greedy_invoke_equals_generate_on_the_official_prompt(llm):
 
 
 def test_stream_deltas_join_to_the_invoke_text(llm):
-    messages = [SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello"), HumanMessage(QUESTION)]
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage("Hi"),
+        AIMessage("Hello"),
+        HumanMessage(QUESTION),
+    ]
     chunks = list(llm.stream(messages))
     text_chunks = [c for c in chunks if c.content]
     assert len(text_chunks) >= 2
@@ -100,7 +105,9 @@ def test_checkpoint_defaults_apply_when_fields_are_unset(tiny_7b):
 
 
 def test_sampling_with_a_seed_repeats(tiny_7b):
-    llm = ChatBaichuan2(model=str(tiny_7b), temperature=1.5, top_k=50, top_p=0.95, seed=7, max_tokens=12)
+    llm = ChatBaichuan2(
+        model=str(tiny_7b), temperature=1.5, top_k=50, top_p=0.95, seed=7, max_tokens=12
+    )
     assert llm.invoke(QUESTION).content == llm.invoke(QUESTION).content
 
 
@@ -109,12 +116,15 @@ def test_stop_string_across_a_token_boundary_in_invoke_and_stream(llm):
     free = llm.invoke(QUESTION)
     ids = generate_directly(loaded, official_ids(loaded, QUESTION), 20)
     ids = [t for t in ids if t != 2]
-    pieces = [loaded.tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids) + 1)]
+    pieces = [
+        loaded.tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids) + 1)
+    ]
     # A stop string made of the end of token k and the start of token k+1.
     k = next(
         n
         for n in range(2, len(ids) - 1)
-        if len(pieces[n]) > len(pieces[n - 1]) and len(pieces[n + 1]) > len(pieces[n])
+        if len(pieces[n]) > len(pieces[n - 1])
+        and len(pieces[n + 1]) > len(pieces[n])
         and pieces[n + 1].count(pieces[n][-1] + pieces[n + 1][len(pieces[n])]) == 1
     )
     stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
@@ -124,7 +134,9 @@ def test_stop_string_across_a_token_boundary_in_invoke_and_stream(llm):
     assert reply.response_metadata["finish_reason"] == "stop"
     streamed = list(llm.stream(QUESTION, stop=[stop]))
     assert "".join(c.content for c in streamed) == expected
-    assert all(stop[0] not in c.content or c.content.index(stop[0]) < len(c.content) for c in streamed)
+    assert all(
+        stop[0] not in c.content or c.content.index(stop[0]) < len(c.content) for c in streamed
+    )
     constructed = ChatBaichuan2(model=llm.model, temperature=0, max_tokens=20, stop=[stop])
     assert constructed.invoke(QUESTION).content == expected
 
@@ -152,7 +164,9 @@ async def test_abatch_equals_one_by_one(llm):
 
 
 def test_leaving_a_stream_early_cancels_and_the_next_call_works(tiny_7b, monkeypatch):
-    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=200, model_kwargs={"min_new_tokens": 200})
+    llm = ChatBaichuan2(
+        model=str(tiny_7b), temperature=0, max_tokens=200, model_kwargs={"min_new_tokens": 200}
+    )
     engine = engine_for(llm.loaded_model())
     steps = []
     original = engine.model.forward
@@ -173,11 +187,16 @@ def test_leaving_a_stream_early_cancels_and_the_next_call_works(tiny_7b, monkeyp
     assert len(steps) == after_break  # the worker stopped decoding
     assert after_break < 12
     monkeypatch.undo()
-    assert ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=5).invoke("hi").content is not None
+    assert (
+        ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=5).invoke("hi").content
+        is not None
+    )
 
 
 async def test_cancelling_an_astream_task_stops_generation(tiny_7b):
-    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=300, model_kwargs={"min_new_tokens": 300})
+    llm = ChatBaichuan2(
+        model=str(tiny_7b), temperature=0, max_tokens=300, model_kwargs={"min_new_tokens": 300}
+    )
     received = []
 
     async def consume():
@@ -198,7 +217,9 @@ async def test_cancelling_an_astream_task_stops_generation(tiny_7b):
 
 
 async def test_astream_does_not_block_the_event_loop(tiny_7b):
-    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=60, model_kwargs={"min_new_tokens": 60})
+    llm = ChatBaichuan2(
+        model=str(tiny_7b), temperature=0, max_tokens=60, model_kwargs={"min_new_tokens": 60}
+    )
     await llm.ainvoke("warm up")
     ticks = 0
     done = False
@@ -306,7 +327,9 @@ def test_history_truncation_is_reported(tiny_7b):
     assert reply.usage_metadata["input_tokens"] <= 60 - 8
 
 
-def test_the_real_tokenizer_stream_never_splits_a_character(real_tokenizer_model, tmp_path_factory, monkeypatch):
+def test_the_real_tokenizer_stream_never_splits_a_character(
+    real_tokenizer_model, tmp_path_factory, monkeypatch
+):
     folder = make_tiny_checkpoint(
         tmp_path_factory.mktemp("real-tok"), "13b", tokenizer_model=real_tokenizer_model
     )

@@ -32,7 +32,9 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_auto_classes_load_without_remote_code_and_never_run_folder_python(tiny_checkpoint, tmp_path):
+def test_auto_classes_load_without_remote_code_and_never_run_folder_python(
+    tiny_checkpoint, tmp_path
+):
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
     marker = tmp_path / "executed"
     trap = f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('folder code ran')\n"
@@ -57,7 +59,11 @@ def test_position_scheme_follows_the_official_config_keys(tiny_7b, tiny_13b):
 def test_official_config_files_load_unchanged(shared_dir):
     seven = BaichuanConfig.from_pretrained(shared_dir / "7b")
     thirteen = BaichuanConfig.from_pretrained(shared_dir / "13b")
-    assert (seven.position_embedding, seven.hidden_size, seven.num_hidden_layers) == ("rope", 4096, 32)
+    assert (seven.position_embedding, seven.hidden_size, seven.num_hidden_layers) == (
+        "rope",
+        4096,
+        32,
+    )
     assert (thirteen.position_embedding, thirteen.hidden_size, thirteen.num_attention_heads) == (
         "alibi",
         5120,
@@ -110,7 +116,9 @@ def test_loaded_model_equals_a_model_built_from_the_files_tensors(tiny_checkpoin
     files = sorted(tiny_checkpoint.glob("*.safetensors")) or sorted(tiny_checkpoint.glob("*.bin"))
     state = {}
     for f in files:
-        state.update(load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+        state.update(
+            load_file(f) if f.suffix == ".safetensors" else torch.load(f, weights_only=True)
+        )
     built = BaichuanForCausalLM(BaichuanConfig.from_pretrained(tiny_checkpoint)).eval()
     built.load_state_dict(state)
     built.normalize_head()
@@ -145,10 +153,18 @@ def dequantized(linear) -> torch.Tensor:
 # int8 within ~1%; on a 2-layer random model the logits then keep a cosine
 # similarity >= 0.9 with the fp32 ones (random tiny models amplify the noise).
 @pytest.mark.parametrize(("quantization", "weight_tolerance"), [("8bit", 0.01), ("4bit", 0.12)])
-def test_bitsandbytes_quantized_load_stays_close_to_fp32(tiny_checkpoint, quantization, weight_tolerance):
+def test_bitsandbytes_quantized_load_stays_close_to_fp32(
+    tiny_checkpoint, quantization, weight_tolerance
+):
     full = load_model_and_tokenizer(tiny_checkpoint).model
     model = load_model_and_tokenizer(tiny_checkpoint, quantization=quantization).model
-    for name in ("self_attn.W_pack", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+    for name in (
+        "self_attn.W_pack",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ):
         quantized = model.model.layers[1].get_submodule(name)
         assert type(quantized).__name__ in ("Linear4bit", "Linear8bitLt")
         original = full.model.layers[1].get_submodule(name).weight
@@ -251,7 +267,9 @@ def test_download_without_network_says_so(source, monkeypatch, tmp_path):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
     disable_socket()
     try:
-        with pytest.raises(DownloadError, match="Could not download 'baichuan-inc/Baichuan2-7B-Chat'"):
+        with pytest.raises(
+            DownloadError, match="Could not download 'baichuan-inc/Baichuan2-7B-Chat'"
+        ):
             load_model_and_tokenizer("baichuan-inc/Baichuan2-7B-Chat", source=source)
     finally:
         enable_socket()

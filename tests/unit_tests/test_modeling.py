@@ -51,7 +51,10 @@ def test_chunked_prefill_equals_full_forward(pe, heads):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        parts = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 4), (4, 9), (9, 13))]
+        parts = [
+            model(ids[:, a:b], cache=cache, use_cache=True).logits
+            for a, b in ((0, 4), (4, 9), (9, 13))
+        ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-4)
 
 
@@ -69,7 +72,9 @@ def test_left_padded_batch_equals_each_row_alone(pe, heads):
         torch.testing.assert_close(batched[0], model(long_ids).logits[0], rtol=0, atol=1e-4)
         torch.testing.assert_close(batched[1, 5:], model(short_ids).logits[0], rtol=0, atol=1e-4)
         together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        alone = [model.generate(x, max_new_tokens=8, do_sample=False) for x in (long_ids, short_ids)]
+        alone = [
+            model.generate(x, max_new_tokens=8, do_sample=False) for x in (long_ids, short_ids)
+        ]
     assert together[0, -8:].tolist() == alone[0][0, -8:].tolist()
     assert together[1, -8:].tolist() == alone[1][0, -8:].tolist()
 
@@ -92,7 +97,10 @@ def test_generate_with_sampling_is_reproducible_with_a_seed():
         (8, [2**-k for k in range(1, 9)]),
         (5, [2**-2, 2**-4, 2**-6, 2**-8, 2**-1]),
         # 40 heads: 32 slopes 2^(-(h+1)/4), then 2^(-(2k+1)/8) for k < 8.
-        (40, [2 ** (-(h + 1) / 4) for h in range(32)] + [2 ** (-(2 * k + 1) / 8) for k in range(8)]),
+        (
+            40,
+            [2 ** (-(h + 1) / 4) for h in range(32)] + [2 ** (-(2 * k + 1) / 8) for k in range(8)],
+        ),
     ],
 )
 def test_alibi_slopes_match_closed_form(heads, expected):
@@ -194,7 +202,9 @@ def test_alibi_variant_equals_reference_forward(heads):
     model.normalize_head()
     ids = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference_alibi_logits(model, ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model(ids).logits, reference_alibi_logits(model, ids), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("pe", ["rope", "alibi"])
@@ -222,7 +232,9 @@ def test_half_precision_stays_close_to_fp32(pe, dtype):
         half = model.to(dtype)(ids).logits
     assert half.dtype == dtype
     assert torch.isfinite(half).all()
-    torch.testing.assert_close(half.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    torch.testing.assert_close(
+        half.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item()
+    )
 
 
 def test_normalize_head_makes_unit_rows_in_fp32():
