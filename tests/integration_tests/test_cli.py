@@ -1,0 +1,68 @@
+"""The command line: the chat REPL's commands and the offline demo."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from langchain_core.messages import AIMessage, HumanMessage
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.__main__ import main, run_chat
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scripted(lines):
+    answers = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def test_chat_repl_keeps_history_clears_it_and_exits(tiny_7b):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=6)
+    out = []
+    history = run_chat(llm, scripted(["Hello", "And then?", "exit", "never read"]), out.append)
+    assert [type(m) for m in history] == [HumanMessage, AIMessage, HumanMessage, AIMessage]
+    # The second answer saw the first round: it equals invoking with that history.
+    assert history[3].content == llm.invoke(history[:3]).content
+    history = run_chat(llm, scripted(["Hello", "clear", "Again"]), out.append)
+    assert [m.content for m in history if isinstance(m, HumanMessage)] == ["Again"]
+    assert "(history cleared)\n" in out
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(tiny_7b, monkeypatch):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=50)
+    written = []
+
+    def write(text):
+        written.append(text)
+        if len(written) == 4:  # the user presses Ctrl-C while the answer streams
+            raise KeyboardInterrupt
+
+    history = run_chat(llm, scripted(["Tell me a story", "Hi"]), write)
+    assert " [interrupted]" in written
+    assert len(history) == 4  # the program went on to the next question
+
+
+def test_demo_command_runs_offline(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "random" in out and "invoke:" in out and "stream:" in out and "chain:" in out
+    assert (tmp_path / "demo" / "config.json").is_file()
+
+
+def test_quickstart_example_runs_with_demo_flag():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "温故而知新" in result.stdout
