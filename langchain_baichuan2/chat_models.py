@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import LangSmithParams
+from langchain_core.language_models import LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import InvalidToolCall, ToolCallChunk, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import BitsAndBytesConfig
 
 from langchain_baichuan2.engine import (
@@ -27,8 +39,18 @@ from langchain_baichuan2.engine import (
     check_sampling_values,
     engine_for,
 )
+from langchain_baichuan2.grammar import bound_strings, compiler_for
 from langchain_baichuan2.loading import SOURCES, LoadedModel, registry
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
+from langchain_baichuan2.tools import (
+    ToolCallTextFilter,
+    conversation_language,
+    format_tools,
+    json_system_text,
+    normalize_tool_choice,
+    parse_tool_calls,
+    tools_system_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +79,71 @@ def _response_metadata(final: GenerationChunk, model_name: str, prompt: ChatProm
         "tokens_per_second": final.completion_tokens / seconds if seconds else None,
         "dropped_rounds": prompt.dropped_rounds,
     }
+
+
+@dataclass
+class _Call:
+    """Everything one call resolved before generating."""
+
+    engine: Baichuan2Engine
+    prompt: ChatPrompt
+    params: SamplingParams
+    model_name: str
+    parse_tools: bool
+
+
+class _ChunkConverter:
+    """Turns one call's engine chunks into LangChain chunks.
+
+    With tools bound, tool-call markup is kept out of the content and the calls are
+    parsed at the end into ``tool_call_chunks`` (finish reason ``"tool_calls"``).
+    """
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+        self.text_filter = ToolCallTextFilter() if call.parse_tools else None
+        self.raw: list[str] = []
+
+    def convert(self, piece: GenerationChunk) -> ChatGenerationChunk | None:
+        """The LangChain chunk for ``piece``, or None when it has nothing to show yet."""
+        tool_chunks: list[ToolCallChunk] = []
+        invalid: list[InvalidToolCall] = []
+        if self.text_filter is not None:
+            self.raw.append(piece.text)
+            piece.text = self.text_filter.push(piece.text)
+            if piece.finish_reason is None and not piece.text:
+                return None
+            if piece.finish_reason is not None:
+                piece.text += self.text_filter.flush()
+                tool_chunks, invalid = self._tool_call_chunks()
+                if tool_chunks:
+                    piece.finish_reason = "tool_calls"
+        if piece.finish_reason is None:
+            return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
+        # Unparsable calls go straight to invalid_tool_calls: as chunks, partial-JSON
+        # repair would turn them into (wrong) valid calls.
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=piece.text,
+                tool_call_chunks=tool_chunks,
+                invalid_tool_calls=invalid,
+                usage_metadata=_usage(piece),
+                response_metadata=_response_metadata(piece, self.call.model_name, self.call.prompt),
+                chunk_position="last",
+            ),
+            generation_info={"finish_reason": piece.finish_reason},
+        )
+
+    def _tool_call_chunks(self) -> tuple[list[ToolCallChunk], list[InvalidToolCall]]:
+        """Parse the whole output into valid calls (as chunks) and invalid ones."""
+        parsed = parse_tool_calls("".join(self.raw))
+        chunks = [
+            tool_call_chunk(
+                name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i
+            )
+            for i, c in enumerate(parsed.tool_calls)
+        ]
+        return chunks, parsed.invalid_tool_calls
 
 
 class ChatBaichuan2(BaseChatModel):
@@ -178,6 +265,11 @@ class ChatBaichuan2(BaseChatModel):
     """Extra ``generate()`` arguments: ``min_new_tokens``, ``no_repeat_ngram_size``,
     ``suppress_tokens``, ``bad_words_ids``. Others are rejected with an error."""
 
+    grammar_max_string_length: int | None = None
+    """Longest string the grammar allows inside tool arguments and structured output
+    when the schema sets no ``maxLength``. Default None (no bound); a small model that
+    rambles inside a JSON string can be kept finite with it."""
+
     streaming: bool = False
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
 
@@ -235,6 +327,17 @@ class ChatBaichuan2(BaseChatModel):
             "model_max_length": self.model_max_length,
             "model_kwargs": self.model_kwargs,
         }
+        # Only once loaded: asking for the identity must not load the weights.
+        loaded = registry.peek(
+            self.model,
+            revision=self.revision,
+            source=self.source,  # type: ignore[arg-type]
+            dtype=self.dtype,  # type: ignore[arg-type]
+            device_map=self.device_map,
+            quantization=self.quantization,
+        )
+        if loaded is not None:
+            params["memory_footprint"] = loaded.memory_footprint
         return params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -274,7 +377,7 @@ class ChatBaichuan2(BaseChatModel):
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Baichuan2Engine, ChatPrompt, SamplingParams, str]:
+    ) -> _Call:
         """Resolve the model, the prompt ids and the sampling settings of one call."""
         model_name = kwargs.get("model") or self.model
         loaded = self.loaded_model(model_name)
@@ -291,6 +394,7 @@ class ChatBaichuan2(BaseChatModel):
         temperature = pick("temperature", defaults.temperature if do_sample else 0.0)
         max_tokens = pick("max_tokens", defaults.max_new_tokens or 2048)
         check_sampling_values(temperature=temperature, max_new_tokens=max_tokens)
+        messages, grammar, parse_tools = self._constrain(messages, loaded, kwargs)
         extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
         params = SamplingParams(
             max_new_tokens=int(max_tokens),
@@ -303,6 +407,7 @@ class ChatBaichuan2(BaseChatModel):
             seed=pick("seed", None),
             stop=self._stops(stop),
             extra=tuple(extra.items()),
+            grammar=grammar,
         )
         context = pick("model_max_length", loaded.model.config.model_max_length)
         prompt = build_chat_prompt(
@@ -318,25 +423,38 @@ class ChatBaichuan2(BaseChatModel):
                 "The prompt was cut on the left to fit model_max_length - max_tokens = %d tokens",
                 int(context) - params.max_new_tokens,
             )
-        return engine_for(loaded), prompt, params, model_name
+        return _Call(engine_for(loaded), prompt, params, model_name, parse_tools)
+
+    def _constrain(
+        self, messages: list[BaseMessage], loaded: LoadedModel, kwargs: dict[str, Any]
+    ) -> tuple[list[BaseMessage], Any, bool]:
+        """Apply bound tools / a response format: system text, grammar, parsing.
+
+        Returns the messages (with the protocol's system text first), the compiled
+        grammar or None, and whether the output is parsed for tool calls.
+        """
+        tools = kwargs.get("tools") or []
+        choice = normalize_tool_choice(
+            kwargs.get("tool_choice"), [t["function"]["name"] for t in tools]
+        )
+        response_format = kwargs.get("response_format")
+        if (not tools or choice == "none") and not response_format:
+            return messages, None, False
+        language = conversation_language(messages)
+        compiler = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
+        bound = self.grammar_max_string_length
+        if response_format:
+            schema = response_format.get("schema")
+            system = json_system_text(schema, language)
+            grammar = compiler.json_object(bound_strings(schema, bound))
+            parse_tools = False
+        else:
+            system = tools_system_text(tools, language)
+            grammar = compiler.tool_calls(bound_strings(tools, bound), choice)
+            parse_tools = True
+        return [SystemMessage(system), *messages], grammar, parse_tools
 
     # -- generation -----------------------------------------------------------------
-
-    def _chunk(
-        self, piece: GenerationChunk, prompt: ChatPrompt, model_name: str
-    ) -> ChatGenerationChunk:
-        """Turn an engine chunk into a LangChain chunk (the final one carries metadata)."""
-        if piece.finish_reason is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=piece.text,
-                usage_metadata=_usage(piece),
-                response_metadata=_response_metadata(piece, model_name, prompt),
-                chunk_position="last",
-            ),
-            generation_info={"finish_reason": piece.finish_reason},
-        )
 
     def _stream(
         self,
@@ -346,9 +464,12 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # LangChain's stream() reports each chunk to on_llm_new_token itself.
-        engine, prompt, params, model_name = self._prepare(messages, stop, kwargs)
-        for piece in engine.stream(prompt.input_ids, params):
-            yield self._chunk(piece, prompt, model_name)
+        call = self._prepare(messages, stop, kwargs)
+        converter = _ChunkConverter(call)
+        for piece in call.engine.stream(call.prompt.input_ids, call.params):
+            chunk = converter.convert(piece)
+            if chunk is not None:
+                yield chunk
 
     async def _astream(
         self,
@@ -358,11 +479,12 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Loading the model and tokenizing are blocking; keep them off the event loop.
-        engine, prompt, params, model_name = await asyncio.to_thread(
-            self._prepare, messages, stop, kwargs
-        )
-        async for piece in engine.astream(prompt.input_ids, params):
-            yield self._chunk(piece, prompt, model_name)
+        call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+        converter = _ChunkConverter(call)
+        async for piece in call.engine.astream(call.prompt.input_ids, call.params):
+            chunk = converter.convert(piece)
+            if chunk is not None:
+                yield chunk
 
     @staticmethod
     def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
@@ -373,6 +495,8 @@ class ChatBaichuan2(BaseChatModel):
         message = merged.message
         result = AIMessage(
             content=message.content,
+            tool_calls=message.tool_calls,
+            invalid_tool_calls=message.invalid_tool_calls,
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
             id=message.id,
@@ -449,3 +573,91 @@ class ChatBaichuan2(BaseChatModel):
                 return_exceptions=return_exceptions,
                 **kwargs,
             )
+
+    # -- tools and structured output --------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; calls are grammar-constrained to the tools' JSON schemas.
+
+        Args:
+            tools: ``BaseTool``s, functions, pydantic models, TypedDicts or JSON-schema
+                dicts.
+            tool_choice: ``"auto"`` (default: answer or call), ``"none"``, ``"any"`` /
+                ``"required"`` / ``True`` (call one of the tools), a tool name, or
+                ``{"type": "function", "function": {"name": ...}}``.
+            **kwargs: Further call arguments to bind.
+        """
+        formatted = format_tools(tools)
+        choice = normalize_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Return a runnable whose output follows ``schema``, valid by construction.
+
+        Args:
+            schema: A pydantic model (v2 or v1), a TypedDict or a JSON schema dict.
+            method: ``"json_schema"`` (the output is a JSON object constrained to the
+                schema), ``"function_calling"`` (a forced call of a tool built from the
+                schema), or ``"json_mode"`` (a JSON object; constrained to ``schema``
+                when one is given).
+            include_raw: Return ``{"raw", "parsed", "parsing_error"}`` instead of only
+                the parsed value.
+            strict: Accepted for compatibility; the grammar is always strict.
+            **kwargs: Not supported; passing any raises ``ValueError``.
+
+        Returns:
+            Pydantic instances for pydantic schemas, else dicts.
+        """
+        if kwargs:
+            msg = f"Unsupported with_structured_output arguments: {', '.join(kwargs)}"
+            raise ValueError(msg)
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            msg = f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}"
+            raise ValueError(msg)
+        if schema is None and method != "json_mode":
+            msg = f"method {method!r} needs a schema"
+            raise ValueError(msg)
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        json_schema = convert_to_json_schema(schema) if schema is not None else None
+        trace = {"kwargs": {"method": method, "strict": strict}, "schema": json_schema}
+        parser: Runnable
+        if method == "function_calling":
+            tool_name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools(
+                [schema], tool_choice=tool_name, ls_structured_output_format=trace
+            )
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
+            )
+        else:
+            kind = "json_schema" if method == "json_schema" else "json_object"
+            llm = self.bind(
+                response_format={"type": kind, "schema": json_schema},
+                ls_structured_output_format=trace,
+            )
+            parser = (
+                PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")

@@ -30,6 +30,7 @@ from transformers.generation.logits_process import (
 )
 
 from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
+from langchain_baichuan2.grammar import GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 
 # Extra generate() arguments the engine applies, each as transformers' own processor.
@@ -58,6 +59,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     extra: tuple[tuple[str, Any], ...] = ()
     """Extra ``generate()`` arguments as ``(name, value)`` pairs; see ``EXTRA_ARGUMENTS``."""
+    grammar: Any = None
+    """An xgrammar ``CompiledGrammar`` the output must follow (tool calls, JSON)."""
 
     def __post_init__(self) -> None:
         unknown = sorted({name for name, _ in self.extra} - set(EXTRA_ARGUMENTS))
@@ -173,6 +176,11 @@ class _Row:
             EXTRA_ARGUMENTS[name](value, len(request.prompt_ids), engine.eos_ids)
             for name, value in params.extra
         ]
+        self.grammar = (
+            GrammarMask(params.grammar, engine.model.config.vocab_size)
+            if params.grammar is not None
+            else None
+        )
 
     def push(self, token: int, eos_ids: set[int]) -> GenerationChunk | None:
         """Take one sampled token; return a chunk to send, or None; mark the finish."""
@@ -399,7 +407,12 @@ class Baichuan2Engine:
                         logits[i : i + 1] = processor(
                             seen[i : i + 1, seen_mask[i]], logits[i : i + 1]
                         )
+                    if row.grammar is not None:
+                        row.grammar.apply(logits[i : i + 1])
                 tokens = self._pick(logits, rows, temperature, top_k, top_p)
+                for row, token in zip(rows, tokens.tolist(), strict=True):
+                    if row.grammar is not None:
+                        row.grammar.accept(token)
                 keep = []
                 for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
                     if row.request.cancelled.is_set():

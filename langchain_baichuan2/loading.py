@@ -13,6 +13,7 @@ import threading
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -51,16 +52,26 @@ class LoadedModel:
     path: Path
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    @property
+    @cached_property
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes of parameters and buffers, by dtype name."""
+        """Bytes of weights by dtype name, counted once (bitsandbytes repacks on first use)."""
         return weight_bytes_by_dtype(self.model)
 
 
 def weight_bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
-    """Count the bytes of a model's parameters and buffers, grouped by dtype."""
+    """Count the bytes of a model's parameters and buffers, grouped by dtype.
+
+    4-bit weights also count their quantization statistics (block scales, nested
+    scales, code tables), which bitsandbytes keeps beside the parameter.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, state.offset) if t is not None]
+            state = state.state2
     totals: Counter[str] = Counter()
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in tensors:
         totals[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     return dict(totals)
 
@@ -290,11 +301,25 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, on_gpu=on_gpu)
     bnb_config = quantization_config(quantization, torch_dtype)
     folder = resolve_model_path(name, revision=revision, source=source)
-    check_checkpoint(folder)
+    config = check_checkpoint(folder)
+    # Imported here: legacy_4bit builds on this module's errors and shapes.
+    from langchain_baichuan2.legacy_4bit import read_legacy_4bit
+
+    legacy_state = read_legacy_4bit(_weight_files(folder), config)
+    weights: dict = (
+        {"pretrained_model_name_or_path": folder}
+        if legacy_state is None
+        else {
+            "pretrained_model_name_or_path": None,
+            "config": config,
+            "state_dict": legacy_state,
+            "generation_config": GenerationConfig.from_pretrained(folder),
+        }
+    )
     device_map = device_map or ("cuda" if on_gpu else "cpu")
     try:
         model = BaichuanForCausalLM.from_pretrained(
-            folder,
+            **weights,
             dtype=torch_dtype,
             device_map=device_map,
             quantization_config=bnb_config,
@@ -307,12 +332,10 @@ def load_model_and_tokenizer(
         raise CheckpointError(msg) from e
     model.eval()
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
-    generation_config = model.generation_config
-    footprint = ", ".join(
-        f"{dt} {n / 2**20:.1f} MiB" for dt, n in weight_bytes_by_dtype(model).items()
-    )
+    loaded = LoadedModel(model, tokenizer, model.generation_config, folder)
+    footprint = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in loaded.memory_footprint.items())
     logger.info("Loaded Baichuan2 from %s on %s (%s)", folder, device_map, footprint)
-    return LoadedModel(model, tokenizer, generation_config, folder)
+    return loaded
 
 
 class ModelRegistry:
@@ -370,6 +393,19 @@ class ModelRegistry:
                     quantization=quantization,
                 )
             return self._models[key]
+
+    def peek(
+        self,
+        name: str | Path,
+        *,
+        revision: str | None = None,
+        source: Source = "auto",
+        dtype: DType | torch.dtype = "auto",
+        device_map: str | dict | None = None,
+        quantization: Quantization = None,
+    ) -> LoadedModel | None:
+        """Return the shared model for these settings if it is loaded; never loads it."""
+        return self._models.get(self.key(name, revision, source, dtype, device_map, quantization))
 
     def clear(self) -> None:
         """Forget every loaded model (they are freed once no object holds them)."""

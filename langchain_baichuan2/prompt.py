@@ -28,15 +28,17 @@ only come first and knows only role/content dicts):
   model where it was placed.
 - ``HumanMessage`` and ``ChatMessage`` roles ``"user"``/``"human"`` are user;
   ``AIMessage`` and roles ``"assistant"``/``"ai"`` are assistant; ``SystemMessage``
-  and role ``"system"`` are system. Any other ``ChatMessage`` role, tool and function
-  messages, and other message types raise ``ValueError``.
+  and role ``"system"`` are system. A ``ToolMessage`` is a user turn and an
+  ``AIMessage``'s ``tool_calls`` follow its text, both written by the tool protocol
+  of ``tools.py``. Any other ``ChatMessage`` role, function messages, and other
+  message types raise ``ValueError``.
 - A user message with a ``name`` is rendered as ``"{name}: {text}"`` so the model can
   tell speakers apart; names on assistant and system messages are ignored, because a
   prefixed assistant turn would teach the model to start its replies with a name.
 - List content: plain strings and ``{"type": "text"}`` blocks are joined with ``""``
   (the blocks of one message are pieces of one text); any other block raises
-  ``ValueError`` naming its type. An ``AIMessage`` holding only tool calls renders as
-  empty text.
+  ``ValueError`` naming its type; an ``AIMessage``'s ``tool_use`` blocks are skipped
+  because its ``tool_calls`` are rendered instead.
 - An empty message list raises ``ValueError``.
 """
 
@@ -56,7 +58,12 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from langchain_baichuan2.tools import render_tool_call, render_tool_result
+
 Role = Literal["system", "user", "assistant"]
+
+# Content blocks that restate an AI message's tool calls (Anthropic / v1 formats).
+_TOOL_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
 
 _CHAT_MESSAGE_ROLES: dict[str, Role] = {
     "system": "system",
@@ -100,6 +107,8 @@ def message_text(message: BaseMessage) -> str:
 
     Returns:
         The content itself if it is a string, else its text blocks joined with ``""``.
+        An AI message's ``tool_use``/``tool_call`` blocks are skipped: they repeat its
+        ``tool_calls``, which are rendered from that field.
 
     Raises:
         ValueError: If the content holds a block that is not text (e.g. an image).
@@ -112,6 +121,8 @@ def message_text(message: BaseMessage) -> str:
             parts.append(block)
         elif block.get("type") == "text":
             parts.append(block["text"])
+        elif isinstance(message, AIMessage) and block.get("type") in _TOOL_CALL_BLOCKS:
+            continue
         else:
             msg = (
                 "ChatBaichuan2 accepts text only; "
@@ -149,11 +160,11 @@ def message_role_and_text(message: BaseMessage) -> tuple[Role, str]:
             )
             raise ValueError(msg)
         role = _CHAT_MESSAGE_ROLES[message.role]
-    elif isinstance(message, (ToolMessage, FunctionMessage)):
-        msg = (
-            f"{type(message).__name__} is not supported yet: Baichuan2 has no tool role, "
-            "so tool results cannot be put in the prompt"
-        )
+    elif isinstance(message, ToolMessage):
+        # Baichuan2 has no tool role: a result is a user turn (see tools.py).
+        return "user", render_tool_result(message)
+    elif isinstance(message, FunctionMessage):
+        msg = "FunctionMessage is not supported; use ToolMessage for tool results"
         raise ValueError(msg)
     else:
         msg = (
@@ -164,6 +175,8 @@ def message_role_and_text(message: BaseMessage) -> tuple[Role, str]:
     text = message_text(message)
     if role == "user" and message.name:
         text = f"{message.name}: {text}"
+    if isinstance(message, AIMessage):
+        text += "".join(render_tool_call(c["name"], c["args"]) for c in message.tool_calls)
     return role, text
 
 

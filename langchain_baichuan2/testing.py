@@ -20,13 +20,26 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["make_tiny_checkpoint", "user_defined_pieces"]
+__all__ = ["make_tiny_checkpoint", "make_tiny_legacy_4bit_checkpoint", "user_defined_pieces"]
 
 _AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
 }
 _TRANSFORMERS_VERSION = "4.29.2"  # what the official files record
+
+# The quantization_config of the official Chat-4bits config.json.
+_LEGACY_4BIT_QUANTIZATION = {
+    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
+    "llm_int8_enable_fp32_cpu_offload": False,
+    "llm_int8_has_fp16_weight": False,
+    "llm_int8_skip_modules": None,
+    "llm_int8_threshold": 6.0,
+    "load_in_4bit": True,
+    "load_in_8bit": False,
+}
 
 # config.json key order of each official release (7B has RoPE, 13B has no position key).
 _CONFIG_KEYS = {
@@ -408,4 +421,96 @@ def make_tiny_checkpoint(
     _write_json(folder / "tokenizer_config.json", tokenizer_config)
     _write_json(folder / "special_tokens_map.json", special_tokens_map)
     _write_weights(folder, _random_state_dict(config, dtype, seed), weights, num_shards)
+    return folder
+
+
+def _legacy_quant_state(weight: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    """Quantize a weight to NF4 (blocksize 64, double quant) with today's bitsandbytes.
+
+    Returns:
+        The packed bytes and the state as the bitsandbytes 0.41 list ``[absmax, shape,
+        dtype, blocksize, [offset, (nested_absmax, nested_code)], "nf4", code]``.
+    """
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    nested = [state.offset, (state.state2.absmax, state.state2.code)]
+    legacy = [state.absmax, state.shape, state.dtype, state.blocksize, nested, "nf4", state.code]
+    return packed, legacy
+
+
+def make_tiny_legacy_4bit_checkpoint(
+    path: str | os.PathLike,
+    variant: Literal["7b", "13b"] = "13b",
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 128,
+    model_max_length: int = 4096,
+    tokenizer_model: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random tiny model in the layout of the official Chat-4bits releases.
+
+    The bfloat16 weights of :func:`make_tiny_checkpoint` (same arguments, same seed)
+    are quantized with bitsandbytes (NF4, blocksize 64, double quantization, as the
+    releases were), and one ``pytorch_model.bin`` holds, for the five linear layers of
+    each decoder layer, ``<name>.weight.data`` (the packed bytes) and
+    ``<name>.weight.quant_state`` (the bitsandbytes 0.41 list); embeddings, norms and
+    ``lm_head`` stay bfloat16. ``config.json`` gets the releases' ``quantization_config``.
+
+    bitsandbytes' CPU kernel needs ``in_features % 64 == 0`` and
+    ``out_features % 32 == 0``, so ``hidden_size`` and ``intermediate_size`` should be
+    multiples of 64.
+
+    Args:
+        path: Folder to write into (created if missing).
+        variant: ``"7b"`` (RoPE) or ``"13b"`` (ALiBi, as 13B-Chat-4bits).
+        hidden_size: Model width.
+        num_hidden_layers: Number of decoder layers.
+        num_attention_heads: Number of heads.
+        intermediate_size: MLP width.
+        model_max_length: Context length.
+        tokenizer_model: A ``tokenizer.model`` to copy; ``None`` trains a tiny one.
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder path.
+    """
+    folder = make_tiny_checkpoint(
+        path,
+        variant,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        model_max_length=model_max_length,
+        weights="bin",
+        tokenizer_model=tokenizer_model,
+        dtype=torch.bfloat16,
+        seed=seed,
+    )
+    from langchain_baichuan2.legacy_4bit import QUANTIZED_LINEARS
+
+    quantized = {
+        f"model.layers.{layer}.{linear}.weight"
+        for layer in range(num_hidden_layers)
+        for linear in QUANTIZED_LINEARS
+    }
+    weights = folder / "pytorch_model.bin"
+    state: dict[str, Any] = {}
+    for name, tensor in torch.load(weights, weights_only=True).items():
+        if name in quantized:
+            state[name + ".data"], state[name + ".quant_state"] = _legacy_quant_state(tensor)
+        else:
+            state[name] = tensor
+    torch.save(state, weights)
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    keys = list(config)
+    # The official file has quantization_config right after pad_token_id.
+    keys.insert(keys.index("pad_token_id") + 1, "quantization_config")
+    config["quantization_config"] = _LEGACY_4BIT_QUANTIZATION
+    _write_json(folder / "config.json", {key: config[key] for key in keys})
     return folder

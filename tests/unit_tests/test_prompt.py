@@ -154,14 +154,43 @@ def test_an_unknown_chat_message_role_is_rejected_by_name():
         build([ChatMessage(role="tool", content="a")])
 
 
-@pytest.mark.parametrize(
-    "message",
-    [ToolMessage("a", tool_call_id="1"), FunctionMessage("a", name="f")],
-    ids=["tool", "function"],
-)
-def test_tool_and_function_messages_are_rejected_by_type(message: BaseMessage):
-    with pytest.raises(ValueError, match=f"{type(message).__name__} is not supported yet"):
-        build([HumanMessage("a"), message])
+def chars(text: str) -> list[int]:
+    """The fake tokenizer's ids, one per character (ord + 2000)."""
+    return [ord(c) + 2000 for c in text]
+
+
+def test_a_tool_message_is_a_user_turn_in_the_tool_protocol():
+    call = {"name": "f", "args": {"x": 1}, "id": "c1", "type": "tool_call"}
+    messages = [
+        HumanMessage("a"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("ok", tool_call_id="c1", name="f"),
+    ]
+    assert build(messages, max_input=500).input_ids == [
+        U,
+        2097,
+        A,
+        *chars('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'),
+        U,
+        *chars('<tool_response name="f" id="c1">ok</tool_response>'),
+        A,
+    ]
+
+
+def test_a_failed_tool_result_says_error():
+    message = ToolMessage("boom", tool_call_id="c2", status="error")
+    assert build([HumanMessage("a"), message]).input_ids == [
+        U,
+        2097,
+        U,
+        *chars('<tool_response id="c2" status="error">boom</tool_response>'),
+        A,
+    ]
+
+
+def test_function_messages_are_rejected_by_type():
+    with pytest.raises(ValueError, match="FunctionMessage is not supported"):
+        build([HumanMessage("a"), FunctionMessage("a", name="f")])
 
 
 def test_a_user_name_prefixes_the_text():
@@ -186,9 +215,20 @@ def test_a_non_text_block_is_rejected_naming_its_type():
         build([HumanMessage([{"type": "text", "text": "a"}, block])])
 
 
-def test_an_ai_message_with_only_tool_calls_renders_as_empty_text():
+def test_tool_use_blocks_of_an_ai_message_are_rendered_from_its_tool_calls():
     call = {"name": "f", "args": {}, "id": "1", "type": "tool_call"}
-    assert build([HumanMessage("a"), AIMessage("", tool_calls=[call])]).input_ids == [U, 2097, A]
+    content = [
+        {"type": "text", "text": "b"},
+        {"type": "tool_use", "id": "1", "name": "f", "input": {}},
+    ]
+    ids = build([HumanMessage("a"), AIMessage(content, tool_calls=[call])]).input_ids
+    assert ids == [
+        U,
+        2097,
+        A,
+        2098,
+        *chars('<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
+    ]
 
 
 def test_an_empty_message_list_is_rejected():

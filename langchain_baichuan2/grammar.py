@@ -1,0 +1,179 @@
+"""Grammar-constrained decoding with xgrammar: tokenizer info, compiled-grammar cache.
+
+The tokenizer info is built once per tokenizer (from its SentencePiece pieces, with
+byte-fallback ``<0xNN>`` pieces and ``▁`` spaces understood by xgrammar); grammars are
+compiled once per distinct spec and cached. The engine runs one ``GrammarMatcher`` per
+request and masks each step's logits with it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from langchain_baichuan2.tools import (
+    TOOL_CALL_OPEN,
+    TOOL_CALL_SUFFIX,
+    ToolChoice,
+    tool_call_prefix,
+)
+
+# Control pieces that decode to nothing visible; an empty piece marks them special for
+# xgrammar, so a grammar can never produce them as text.
+_CONTROL_IDS = (0, 1, 2)
+
+
+class GrammarCompiler:
+    """Compiles and caches grammars for one tokenizer and vocabulary size."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> None:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        for i in _CONTROL_IDS:
+            pieces[i] = ""
+        self.info = xgr.TokenizerInfo(
+            pieces,
+            xgr.VocabType.BYTE_FALLBACK,
+            vocab_size=vocab_size,
+            stop_token_ids=[eos_token_id],
+            add_prefix_space=False,
+        )
+        self._compiler = xgr.GrammarCompiler(self.info, max_threads=2)
+        self._cache: dict[str, xgr.CompiledGrammar] = {}
+        self._lock = threading.Lock()
+
+    def _compiled(self, key: str, compile_fn: Any) -> xgr.CompiledGrammar:
+        with self._lock:
+            grammar = self._cache.get(key)
+            if grammar is None:
+                grammar = self._cache[key] = compile_fn()
+            return grammar
+
+    def tool_calls(self, tools: list[dict[str, Any]], choice: ToolChoice) -> xgr.CompiledGrammar:
+        """Grammar for the tool protocol: forced (exactly one call) or auto.
+
+        A forced call is the call prefix, the arguments as compact JSON valid against
+        the tool's schema (``json.dumps`` spacing, no other whitespace), and the suffix;
+        ``"auto"`` allows free text in which a call starts at ``<tool_call>``.
+        """
+        key = json.dumps([tools, choice], sort_keys=True)
+        if choice == "auto":
+            tag = tool_call_structural_tag(tools)
+            return self._compiled(key, lambda: self._compiler.compile_structural_tag(tag))
+
+        def forced() -> xgr.CompiledGrammar:
+            calls = [
+                xgr.Grammar.concat(
+                    _literal(tool_call_prefix(t["function"]["name"])),
+                    _json_grammar(t["function"].get("parameters")),
+                    _literal(TOOL_CALL_SUFFIX),
+                )
+                for t in tools
+                if choice in ("required", t["function"]["name"])
+            ]
+            grammar = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+            return self._compiler.compile_grammar(grammar)
+
+        return self._compiled(key, forced)
+
+    def json_object(self, schema: dict[str, Any] | None) -> xgr.CompiledGrammar:
+        """Grammar for one JSON object, matching ``schema`` when one is given."""
+        key = "json:" + json.dumps(schema, sort_keys=True)
+        if schema is None:
+            return self._compiled(key, self._compiler.compile_builtin_json_grammar)
+        return self._compiled(key, lambda: self._compiler.compile_grammar(_json_grammar(schema)))
+
+
+def _literal(text: str) -> xgr.Grammar:
+    """A grammar matching exactly ``text``."""
+    return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")
+
+
+def _json_grammar(schema: dict[str, Any] | None) -> xgr.Grammar:
+    """Compact JSON valid against ``schema`` (an object when there is none)."""
+    return xgr.Grammar.from_json_schema(
+        json.dumps(schema or {"type": "object"}),
+        any_whitespace=False,
+        separators=(", ", ": "),
+    )
+
+
+def bound_strings(schema: Any, max_length: int | None) -> Any:
+    """Copy ``schema`` with a length bound on string schemas that have no constraint.
+
+    Small or untrained models can ramble inside a JSON string forever; a bound makes
+    every constrained output finish. The bound is a ``pattern`` of at most
+    ``max_length`` characters that are neither control characters, quotes nor
+    backslashes (xgrammar's ``maxLength`` rule lets raw control characters through,
+    which is not valid JSON). None returns the schema unchanged.
+    """
+    if max_length is None:
+        return schema
+    if isinstance(schema, list):
+        return [bound_strings(item, max_length) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bound_strings(value, max_length) for key, value in schema.items()}
+    types = schema.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    if is_string and not _STRING_CONSTRAINTS & schema.keys():
+        bounded["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{0,{max_length}}}$'
+    return bounded
+
+
+_STRING_CONSTRAINTS = {"maxLength", "pattern", "format", "enum", "const"}
+
+
+def tool_call_structural_tag(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The xgrammar structural tag of ``tool_choice="auto"``: text, or calls."""
+    tags = [
+        {
+            "type": "tag",
+            "begin": tool_call_prefix(t["function"]["name"]),
+            "content": {
+                "type": "json_schema",
+                "json_schema": t["function"].get("parameters") or {"type": "object"},
+                "max_whitespace_cnt": 1,
+            },
+            "end": TOOL_CALL_SUFFIX,
+        }
+        for t in tools
+    ]
+    return {
+        "type": "structural_tag",
+        "format": {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": tags},
+    }
+
+
+_compilers: dict[int, tuple[Any, GrammarCompiler]] = {}
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
+    """The one ``GrammarCompiler`` of ``tokenizer`` (built on first use)."""
+    with _compilers_lock:
+        entry = _compilers.get(id(tokenizer))
+        if entry is None or entry[0] is not tokenizer:
+            entry = _compilers[id(tokenizer)] = (tokenizer, GrammarCompiler(tokenizer, vocab_size))
+        return entry[1]
+
+
+class GrammarMask:
+    """Per-request grammar state: masks logits and follows the chosen tokens."""
+
+    def __init__(self, grammar: xgr.CompiledGrammar, vocab_size: int) -> None:
+        self.matcher = xgr.GrammarMatcher(grammar)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the logits of tokens the grammar forbids to -inf, in place (``[1, V]``)."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device))
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past ``token``."""
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
