@@ -39,7 +39,7 @@ from langchain_baichuan2.engine import (
     check_sampling_values,
     engine_for,
 )
-from langchain_baichuan2.grammar import bound_strings, compiler_for
+from langchain_baichuan2.grammar import bound_lengths, compiler_for
 from langchain_baichuan2.loading import SOURCES, LoadedModel, registry
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
 from langchain_baichuan2.tools import (
@@ -265,10 +265,10 @@ class ChatBaichuan2(BaseChatModel):
     """Extra ``generate()`` arguments: ``min_new_tokens``, ``no_repeat_ngram_size``,
     ``suppress_tokens``, ``bad_words_ids``. Others are rejected with an error."""
 
-    grammar_max_string_length: int | None = None
-    """Longest string the grammar allows inside tool arguments and structured output
-    when the schema sets no ``maxLength``. Default None (no bound); a small model that
-    rambles inside a JSON string can be kept finite with it."""
+    grammar_max_length: int | None = None
+    """Longest string (characters) and array (items) the grammar allows inside tool
+    arguments and structured output where the schema sets no bound. Default None (no
+    bound); it keeps a small or untrained model that rambles inside JSON finite."""
 
     streaming: bool = False
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
@@ -442,15 +442,15 @@ class ChatBaichuan2(BaseChatModel):
             return messages, None, False
         language = conversation_language(messages)
         compiler = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
-        bound = self.grammar_max_string_length
+        bound = self.grammar_max_length
         if response_format:
             schema = response_format.get("schema")
             system = json_system_text(schema, language)
-            grammar = compiler.json_object(bound_strings(schema, bound))
+            grammar = compiler.json_object(bound_lengths(schema, bound))
             parse_tools = False
         else:
             system = tools_system_text(tools, language)
-            grammar = compiler.tool_calls(bound_strings(tools, bound), choice)
+            grammar = compiler.tool_calls(bound_lengths(tools, bound), choice)
             parse_tools = True
         return [SystemMessage(system), *messages], grammar, parse_tools
 
@@ -496,7 +496,8 @@ class ChatBaichuan2(BaseChatModel):
         result = AIMessage(
             content=message.content,
             tool_calls=message.tool_calls,
-            invalid_tool_calls=message.invalid_tool_calls,
+            # Merging chunks drops the parse errors; the final chunk holds them.
+            invalid_tool_calls=chunks[-1].message.invalid_tool_calls,
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
             id=message.id,

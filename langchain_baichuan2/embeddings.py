@@ -50,7 +50,7 @@ def _right_padded(
     return input_ids.to(device), mask.long().to(device)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Pool right-padded hidden states ``[batch, seq, hidden]`` into ``[batch, hidden]`` fp32.
 
     Args:
@@ -243,7 +243,9 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         Returns:
             Its vector.
         """
-        (text,) = _check_texts([text])
+        if not isinstance(text, str):
+            msg = f"text must be a str, got {type(text).__name__}: {text!r:.60}"
+            raise TypeError(msg)
         return self._embed([self.query_instruction + text])[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -304,7 +306,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
             hidden = out.last_hidden_state
         else:
             hidden = out.hidden_states[self.hidden_layer]
-        vectors = pool(hidden, mask, self.pooling)
+        vectors = _pool(hidden, mask, self.pooling)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors.cpu()

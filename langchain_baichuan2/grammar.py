@@ -82,8 +82,6 @@ class GrammarCompiler:
     def json_object(self, schema: dict[str, Any] | None) -> xgr.CompiledGrammar:
         """Grammar for one JSON object, matching ``schema`` when one is given."""
         key = "json:" + json.dumps(schema, sort_keys=True)
-        if schema is None:
-            return self._compiled(key, self._compiler.compile_builtin_json_grammar)
         return self._compiled(key, lambda: self._compiler.compile_grammar(_json_grammar(schema)))
 
 
@@ -101,26 +99,28 @@ def _json_grammar(schema: dict[str, Any] | None) -> xgr.Grammar:
     )
 
 
-def bound_strings(schema: Any, max_length: int | None) -> Any:
-    """Copy ``schema`` with a length bound on string schemas that have no constraint.
+def bound_lengths(schema: Any, max_length: int | None) -> Any:
+    """Copy ``schema`` with length bounds on strings and arrays that have none.
 
-    Small or untrained models can ramble inside a JSON string forever; a bound makes
-    every constrained output finish. The bound is a ``pattern`` of at most
+    Small or untrained models can ramble inside a JSON string or array forever; a
+    bound makes every constrained output finish. Strings get a ``pattern`` of at most
     ``max_length`` characters that are neither control characters, quotes nor
     backslashes (xgrammar's ``maxLength`` rule lets raw control characters through,
-    which is not valid JSON). None returns the schema unchanged.
+    which is not valid JSON); arrays get ``maxItems``. None returns ``schema``.
     """
     if max_length is None:
         return schema
     if isinstance(schema, list):
-        return [bound_strings(item, max_length) for item in schema]
+        return [bound_lengths(item, max_length) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    bounded = {key: bound_strings(value, max_length) for key, value in schema.items()}
+    bounded = {key: bound_lengths(value, max_length) for key, value in schema.items()}
     types = schema.get("type")
-    is_string = types == "string" or (isinstance(types, list) and "string" in types)
-    if is_string and not _STRING_CONSTRAINTS & schema.keys():
+    types = types if isinstance(types, list) else [types]
+    if "string" in types and not _STRING_CONSTRAINTS & schema.keys():
         bounded["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{0,{max_length}}}$'
+    if "array" in types and "maxItems" not in schema:
+        bounded["maxItems"] = max_length
     return bounded
 
 

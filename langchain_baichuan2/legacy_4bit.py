@@ -71,9 +71,12 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
+        # torch's message suggests weights_only=False; name only what was refused.
+        lines = str(e).splitlines()
+        detail = next((line.strip() for line in lines if "WeightsUnpickler" in line), str(e))
         msg = (
             f"Could not read {path} safely: only tensors, lists, tuples, sizes and dtypes "
-            f"may be unpickled from a checkpoint ({type(e).__name__}: {e})"
+            f"may be unpickled from a checkpoint ({type(e).__name__}: {detail})"
         )
         raise CheckpointError(msg) from e
 

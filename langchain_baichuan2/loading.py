@@ -306,7 +306,7 @@ def load_model_and_tokenizer(
     from langchain_baichuan2.legacy_4bit import read_legacy_4bit
 
     legacy_state = read_legacy_4bit(_weight_files(folder), config)
-    weights: dict = (
+    weights: dict[str, object] = (
         {"pretrained_model_name_or_path": folder}
         if legacy_state is None
         else {
@@ -330,6 +330,11 @@ def load_model_and_tokenizer(
     except Exception as e:
         msg = f"Could not load the weights in {folder}: {type(e).__name__}: {e}"
         raise CheckpointError(msg) from e
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.pre_quantized:
+        # transformers 5.24 cannot reverse its bitsandbytes deserializer, so save_pretrained
+        # fails (huggingface/transformers#45743); the state dict already has the saved layout.
+        model._weight_conversions = []
     model.eval()
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
     loaded = LoadedModel(model, tokenizer, model.generation_config, folder)

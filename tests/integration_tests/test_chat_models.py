@@ -92,7 +92,7 @@ def test_every_delta_reaches_on_llm_new_token(llm):
 
 def test_checkpoint_defaults_apply_when_fields_are_unset(tiny_7b):
     llm = ChatBaichuan2(model=str(tiny_7b))
-    _, _, params, _ = llm._prepare([HumanMessage("hi")], None, {})
+    params = llm._prepare([HumanMessage("hi")], None, {}).params
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (
         0.3,
         5,
@@ -100,7 +100,7 @@ def test_checkpoint_defaults_apply_when_fields_are_unset(tiny_7b):
         1.05,
     )
     assert params.max_new_tokens == 2048
-    _, _, greedy, _ = llm._prepare([HumanMessage("hi")], None, {"temperature": 0, "max_tokens": 7})
+    greedy = llm._prepare([HumanMessage("hi")], None, {"temperature": 0, "max_tokens": 7}).params
     assert greedy.temperature == 0 and greedy.max_new_tokens == 7
 
 

@@ -25,7 +25,7 @@ class TestChatBaichuan2Integration(ChatModelIntegrationTests):
             "temperature": 0,
             "max_tokens": 96,
             "model_kwargs": {"min_new_tokens": 1},
-            "grammar_max_string_length": 12,
+            "grammar_max_length": 12,
         }
 
     @property

@@ -1,0 +1,229 @@
+"""Tool calls and structured output on random weights: valid by construction."""
+
+import asyncio
+import json
+from typing import Literal
+
+import pydantic.v1 as pydantic_v1
+import pytest
+import torch
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engine import Baichuan2Engine
+from langchain_baichuan2.grammar import compiler_for
+from langchain_baichuan2.testing import make_tiny_checkpoint
+from langchain_baichuan2.tools import format_tools
+
+
+class Address(BaseModel):
+    street: str
+    zip_code: int | None = None
+
+
+class Person(BaseModel):
+    """Register a person (nested object, array, optional field)."""
+
+    name: str
+    address: Address
+    tags: list[str]
+
+
+class Order(BaseModel):
+    """Order a pizza (enums)."""
+
+    size: Literal["S", "M", "L"]
+    quantity: int
+    toppings: list[Literal["cheese", "ham", "olive"]]
+
+
+def ping() -> str:
+    """Check the service (no arguments)."""
+    return "pong"
+
+
+VALIDATORS = {"Person": Person.model_validate, "Order": Order.model_validate, "ping": dict}
+
+
+def sampling_llm(folder):
+    return ChatBaichuan2(
+        model=str(folder),
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_tokens=300,
+        grammar_max_length=6,
+    )
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return sampling_llm(tiny_checkpoint)
+
+
+async def test_forced_calls_always_parse_and_validate_against_their_schema(tiny_7b):
+    bound = sampling_llm(tiny_7b).bind_tools([Person, Order, ping], tool_choice="any")
+    replies = await asyncio.gather(*(bound.ainvoke(f"Request {i}", seed=i) for i in range(100)))
+    names = set()
+    for reply in replies:
+        assert reply.response_metadata["finish_reason"] == "tool_calls"
+        assert not reply.invalid_tool_calls
+        (call,) = reply.tool_calls
+        VALIDATORS[call["name"]](call["args"])
+        if call["name"] == "ping":
+            assert call["args"] == {}
+        names.add(call["name"])
+    assert len(names) >= 2  # sampling reaches more than one tool
+
+
+@pytest.mark.parametrize(
+    "choice",
+    ["Order", {"type": "function", "function": {"name": "Order"}}],
+)
+def test_a_named_tool_choice_forces_that_tool(llm, choice):
+    reply = llm.bind_tools([Person, Order, ping], tool_choice=choice).invoke("hi", seed=3)
+    assert [c["name"] for c in reply.tool_calls] == ["Order"]
+    Order.model_validate(reply.tool_calls[0]["args"])
+
+
+def test_tool_choice_none_gives_text_only(tiny_7b):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=20)
+    reply = llm.bind_tools([ping], tool_choice="none").invoke("hi")
+    assert reply.tool_calls == [] and reply.response_metadata["finish_reason"] != "tool_calls"
+    assert reply.content == llm.invoke("hi").content  # nothing was added to the prompt
+
+
+def test_streaming_yields_tool_call_chunks(llm):
+    bound = llm.bind_tools([Order], tool_choice="any")
+    chunks = list(bound.stream("pizza", seed=5))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert merged.tool_call_chunks and merged.tool_call_chunks[0]["name"] == "Order"
+    assert merged.response_metadata["finish_reason"] == "tool_calls"
+    assert merged.tool_calls[0]["args"] == bound.invoke("pizza", seed=5).tool_calls[0]["args"]
+    assert "<tool_call>" not in merged.content
+
+
+def test_unparsable_output_becomes_invalid_tool_calls(tiny_7b, monkeypatch):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=200)
+    tokenizer = llm.loaded_model().tokenizer
+    text = 'ok <tool_call>{"name": "ping", "arguments": {"x": }}</tool_call>'
+    script = iter([*tokenizer.encode(text, add_special_tokens=False), 2])
+
+    def scripted_pick(self, logits, rows, *args):
+        return torch.full((len(rows),), next(script), dtype=torch.long)
+
+    monkeypatch.setattr(Baichuan2Engine, "_pick", scripted_pick)
+    reply = llm.bind_tools([ping]).invoke("hi")
+    assert reply.content == "ok "
+    assert reply.tool_calls == []
+    assert reply.invalid_tool_calls[0]["name"] == "ping"
+    assert "JSONDecodeError" in reply.invalid_tool_calls[0]["error"]
+
+
+def test_auto_choice_gives_text_or_valid_calls(llm):
+    bound = llm.bind_tools([Order, ping])
+    for seed in range(5):
+        reply = bound.invoke("hello", seed=seed)
+        for call in reply.tool_calls:
+            VALIDATORS[call["name"]](call["args"])
+
+
+def test_tool_histories_are_accepted(llm):
+    call = {"name": "ping", "args": {}, "id": "call_1", "type": "tool_call"}
+    history = [
+        HumanMessage("Is the service up?"),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("pong", tool_call_id="call_1", name="ping"),
+        ToolMessage("timeout", tool_call_id="call_2", status="error"),
+    ]
+    reply = llm.bind_tools([ping]).invoke(history, seed=1)
+    assert isinstance(reply, AIMessage)
+
+
+class Joke(BaseModel):
+    setup: str
+    punchline: str
+    rating: int | None = None
+
+
+class JokeV1(pydantic_v1.BaseModel):
+    setup: str
+    punchline: str
+
+
+class JokeDict(TypedDict):
+    setup: str
+    punchline: str
+
+
+JOKE_SCHEMA = {
+    "title": "Joke",
+    "type": "object",
+    "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+    "required": ["setup", "punchline"],
+}
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+@pytest.mark.parametrize(
+    "schema", [Joke, JokeV1, JokeDict, JOKE_SCHEMA], ids=["v2", "v1", "td", "js"]
+)
+def test_structured_output_returns_a_valid_instance(llm, method, schema):
+    result = llm.with_structured_output(schema, method=method).invoke("Tell a joke", seed=2)
+    if isinstance(schema, type) and issubclass(schema, (BaseModel, pydantic_v1.BaseModel)):
+        assert isinstance(result, schema)
+    else:
+        assert set(result) == {"setup", "punchline"}
+        assert all(isinstance(v, str) for v in result.values())
+
+
+def test_structured_output_include_raw(llm):
+    out = llm.with_structured_output(Joke, include_raw=True).invoke("Tell a joke", seed=4)
+    assert isinstance(out["raw"], AIMessage)
+    assert isinstance(out["parsed"], Joke)
+    assert out["parsing_error"] is None
+    assert Joke.model_validate(json.loads(out["raw"].content)) == out["parsed"]
+
+
+def test_json_mode_without_schema_allows_objects_only(llm):
+    import xgrammar as xgr
+
+    loaded = llm.loaded_model()
+    grammar = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size).json_object(None)
+    assert xgr.GrammarMatcher(grammar).accept_string('{"a": [1, "x"]}')
+    for not_an_object in ("[1]", '"text"', "3"):
+        assert not xgr.GrammarMatcher(grammar).accept_string(not_an_object)
+
+
+def test_bad_structured_output_arguments_are_rejected(llm):
+    with pytest.raises(ValueError, match="method must be"):
+        llm.with_structured_output(Joke, method="xml")
+    with pytest.raises(ValueError, match="needs a schema"):
+        llm.with_structured_output(None)
+
+
+def test_grammars_are_compiled_once_per_schema_set(llm):
+    loaded = llm.loaded_model()
+    compiler = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
+    assert compiler is compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
+    tools = format_tools([Order, ping])
+    assert compiler.tool_calls(tools, "required") is compiler.tool_calls(tools, "required")
+    assert compiler.tool_calls(tools, "required") is not compiler.tool_calls(tools, "auto")
+
+
+def test_forced_calls_work_with_the_real_vocabulary(real_tokenizer_model, tmp_path_factory):
+    folder = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("real-vocab"), "7b", tokenizer_model=real_tokenizer_model
+    )
+    llm = ChatBaichuan2(
+        model=str(folder), temperature=1.0, top_k=0, max_tokens=300, grammar_max_length=6
+    )
+    assert llm.loaded_model().model.config.vocab_size == 125696
+    bound = llm.bind_tools([Person, Order, ping], tool_choice="required")
+    for seed in range(5):
+        (call,) = bound.invoke("你好", seed=seed).tool_calls
+        VALIDATORS[call["name"]](call["args"])
