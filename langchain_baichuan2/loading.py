@@ -334,7 +334,7 @@ def load_model_and_tokenizer(
     if quantizer is not None and quantizer.pre_quantized:
         # transformers 5.24 cannot reverse its bitsandbytes deserializer, so save_pretrained
         # fails (huggingface/transformers#45743); the state dict already has the saved layout.
-        model._weight_conversions = []
+        model._weight_conversions = []  # type: ignore[assignment]
     model.eval()
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
     loaded = LoadedModel(model, tokenizer, model.generation_config, folder)
