@@ -54,7 +54,11 @@ def main() -> None:
     n = args.new_tokens
     # min_new_tokens makes every path decode exactly n tokens (random weights).
     llm = ChatBaichuan2(
-        model=str(folder), temperature=0, max_tokens=n, model_kwargs={"min_new_tokens": n}
+        model=str(folder),
+        temperature=0,
+        max_tokens=n,
+        model_kwargs={"min_new_tokens": n},
+        prefix_cache_tokens=0,  # measure the plain path: no reused prefills
     )
     loaded = llm.loaded_model()
     model = loaded.model

@@ -1,10 +1,13 @@
 """The generation engine: one loaded model, a worker thread and a batched decode loop.
 
-Requests (prompt ids + sampling settings) are queued; the worker takes every request
-waiting at that moment and decodes them together as one left-padded batch, one step at
-a time. Each request gets its own text deltas (UTF-8 safe, stop strings held back),
-finish reason, token counts and timings, and can be cancelled between steps. Errors
-raised while decoding reach every caller of that batch; the worker keeps serving.
+Requests (prompt ids + sampling settings) are queued. The worker prefills each new
+request (reusing the KV cache of a stored prefix when one matches) and adds it to the
+running batch between decode steps (continuous batching); the batch then advances one
+token for every row at a time. Each request keeps its own sampling settings, stop
+strings and grammar, gets its own text deltas (UTF-8 safe, stop strings held back),
+finish reason, token counts and timings, and can be cancelled between steps. An error
+in a prefill reaches that caller, one in a decode step every caller of the batch; the
+worker keeps serving.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from transformers.generation.logits_process import (
 from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
 from langchain_baichuan2.grammar import GrammarMask
 from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.prefix_cache import LayerKV, PrefixCache
 
 # Extra generate() arguments the engine applies, each as transformers' own processor.
 EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int]], LogitsProcessor]] = {
@@ -122,6 +126,7 @@ class GenerationChunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
@@ -172,6 +177,9 @@ class _Row:
         self.output_ids: list[int] = []
         self.generated = 0  # tokens produced, counting a final eos
         self.finish_reason: str | None = None
+        self.cached_tokens = 0
+        self.prompt_seconds = 0.0
+        self.started = time.perf_counter()
         self.processors = [
             EXTRA_ARGUMENTS[name](value, len(request.prompt_ids), engine.eos_ids)
             for name, value in params.extra
@@ -208,6 +216,83 @@ class _Row:
             text, stopped = self.stops.push(text)
             text += "" if stopped else self.stops.flush()
         return GenerationChunk(text=text) if text else None
+
+    def summary(self) -> GenerationChunk:
+        """The final chunk: finish reason, measured counts and timings."""
+        return GenerationChunk(
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.request.prompt_ids),
+            cached_prompt_tokens=self.cached_tokens,
+            completion_tokens=self.generated,
+            prompt_seconds=self.prompt_seconds,
+            generation_seconds=time.perf_counter() - self.started,
+        )
+
+
+class _Batch:
+    """The running batch: rows, their shared KV cache and the next-token logits.
+
+    Every row's tokens sit right-aligned in the cache (``mask`` marks them), so rows
+    of any length can join by left-padding, and positions (RoPE: ``cumsum(mask)``;
+    ALiBi: relative distances) are unaffected by the padding.
+    """
+
+    def __init__(
+        self, row: _Row, ids: torch.Tensor, cache: DynamicCache, logits: torch.Tensor
+    ) -> None:
+        self.rows = [row]
+        self.ids = ids  # [B, L] every token in the cache (pad id where masked)
+        self.mask = torch.ones_like(ids)  # [B, L]
+        self.cache = cache  # per layer keys/values [B, H, L, D]
+        self.logits = logits  # [B, V] scores for each row's next token
+
+    @property
+    def kv(self) -> LayerKV:
+        """Per-layer (keys, values) of the whole batch."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    @kv.setter
+    def kv(self, kv: LayerKV) -> None:
+        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+            layer.keys, layer.values = k, v
+
+    def add(self, row: _Row, ids: torch.Tensor, cache: DynamicCache, logits: torch.Tensor) -> None:
+        """Join a prefilled row, left-padding whichever side is shorter."""
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        length = max(self.ids.shape[1], ids.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        new_mask = torch.ones_like(ids)
+        self.ids = torch.cat([pad(self.ids, 1), pad(ids, 1)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(new_mask, 1)])
+        self.kv = [
+            (torch.cat([pad(k, 2), pad(nk, 2)]), torch.cat([pad(v, 2), pad(nv, 2)]))
+            for (k, v), (nk, nv) in zip(self.kv, kv, strict=True)
+        ]
+        self.logits = torch.cat([self.logits, logits])
+        self.rows.append(row)
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at ``index``, then trim columns no row uses."""
+        select = torch.tensor(index, device=self.ids.device)
+        self.rows = [self.rows[i] for i in index]
+        self.ids, self.mask, self.logits = self.ids[select], self.mask[select], self.logits[select]
+        first = int(self.mask.any(dim=0).long().argmax())
+        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
+        self.kv = [(k[select, :, first:], v[select, :, first:]) for k, v in self.kv]
+
+    def row_kv(self, i: int) -> tuple[list[int], LayerKV]:
+        """Row ``i``'s ids and keys/values without padding."""
+        real = int(self.mask[i].sum())
+        ids = self.ids[i, -real:].tolist()
+        return ids, [(k[i : i + 1, :, -real:], v[i : i + 1, :, -real:]) for k, v in self.kv]
 
 
 def _apply_repetition_penalty(
@@ -260,6 +345,7 @@ class Baichuan2Engine:
         self._worker: threading.Thread | None = None
         self._announced = threading.Condition()
         self._expected = 0
+        self.prefix_cache = PrefixCache()
 
     # -- submitting -------------------------------------------------------------------
 
@@ -339,13 +425,15 @@ class Baichuan2Engine:
 
     # -- the worker ---------------------------------------------------------------------
 
-    def _take_waiting(self) -> list[_Request]:
-        """Block for one request, then take all others queued or announced."""
-        requests = [self._inbox.get()]
-        deadline = time.monotonic() + self.GATHER_TIMEOUT
-        with self._announced:
-            while self._expected > 0 and time.monotonic() < deadline:
-                self._announced.wait(deadline - time.monotonic())
+    def _take_waiting(self, block: bool) -> list[_Request]:
+        """Take the queued requests; when idle, wait for one and for announced ones."""
+        requests = []
+        if block:
+            requests.append(self._inbox.get())
+            deadline = time.monotonic() + self.GATHER_TIMEOUT
+            with self._announced:
+                while self._expected > 0 and time.monotonic() < deadline:
+                    self._announced.wait(deadline - time.monotonic())
         while True:
             try:
                 requests.append(self._inbox.get_nowait())
@@ -353,44 +441,50 @@ class Baichuan2Engine:
                 return [r for r in requests if not r.cancelled.is_set()]
 
     def _serve(self) -> None:
+        """Continuous batching: new requests join the running batch between steps."""
+        batch: _Batch | None = None
         while True:
-            requests = self._take_waiting()
-            if not requests:
+            for request in self._take_waiting(block=batch is None):
+                try:
+                    row, ids, cache, logits = self._prefill(request)
+                except BaseException as e:  # this caller must see it; the others go on
+                    request.send(e)
+                    continue
+                if batch is None:
+                    batch = _Batch(row, ids, cache, logits)
+                else:
+                    batch.add(row, ids, cache, logits)
+            if batch is None:
                 continue
             try:
-                self._run_batch(requests)
-            except BaseException as e:  # the callers must see it; the worker lives on
-                for r in requests:
-                    r.send(e)
+                self._step(batch)
+            except BaseException as e:  # every caller in the batch must see it
+                for row in batch.rows:
+                    row.request.send(e)
+                batch.rows = []
+            if not batch.rows:
+                batch = None
+
+    def _kv_cache(self, kv: LayerKV | None) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k, v) in enumerate(kv or []):
+            cache.update(k, v, layer)
+        return cache
 
     @torch.inference_mode()
-    def _run_batch(self, requests: list[_Request]) -> None:
-        rows = [_Row(r, self) for r in requests]
-        longest = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, longest - len(r.prompt_ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        seen, seen_mask = input_ids, mask.bool()
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        params = [r.params for r in requests]
-        temperature = column([p.temperature for p in params])
-        top_p = column([p.top_p for p in params])
-        top_k = column([p.top_k for p in params], torch.long)
-        penalty = column([p.repetition_penalty for p in params])
-
+    def _prefill(self, request: _Request) -> tuple[_Row, torch.Tensor, DynamicCache, torch.Tensor]:
+        """Run one prompt (reusing a cached prefix); return its row, ids, cache, logits."""
+        row = _Row(request, self)
+        prompt = request.prompt_ids
+        reused, prefix_kv = self.prefix_cache.lookup(prompt)
+        ids = torch.tensor([prompt], device=self.device)
+        cache = self._kv_cache(prefix_kv)
         with self.loaded.lock:
-            cache = DynamicCache(config=self.model.config)
             start = time.perf_counter()
             logits = (
                 self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
+                    input_ids=ids[:, reused:],
+                    attention_mask=torch.ones_like(ids),
                     cache=cache,
                     use_cache=True,
                     logits_to_keep=1,
@@ -398,68 +492,73 @@ class Baichuan2Engine:
                 .logits[:, -1]
                 .float()
             )
-            prompt_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            while rows:
-                logits = _apply_repetition_penalty(logits, seen, seen_mask, penalty)
-                for i, row in enumerate(rows):
-                    for processor in row.processors:
-                        logits[i : i + 1] = processor(
-                            seen[i : i + 1, seen_mask[i]], logits[i : i + 1]
-                        )
-                    if row.grammar is not None:
-                        row.grammar.apply(logits[i : i + 1])
-                tokens = self._pick(logits, rows, temperature, top_k, top_p)
-                for row, token in zip(rows, tokens.tolist(), strict=True):
-                    if row.grammar is not None:
-                        row.grammar.accept(token)
-                keep = []
-                for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-                    if row.request.cancelled.is_set():
-                        continue
-                    chunk = row.push(token, self.eos_ids)
-                    if chunk is not None and (chunk.text or chunk.token_ids):
-                        row.request.send(chunk)
-                    if row.finish_reason is None:
-                        keep.append(i)
-                        continue
-                    row.request.send(
-                        GenerationChunk(
-                            finish_reason=row.finish_reason,
-                            prompt_tokens=len(row.request.prompt_ids),
-                            completion_tokens=row.generated,
-                            prompt_seconds=prompt_seconds,
-                            generation_seconds=time.perf_counter() - start,
-                        )
-                    )
-                if not keep:
-                    return
-                if len(keep) < len(rows):  # drop finished rows from the batch
-                    index = torch.tensor(keep, device=self.device)
-                    rows = [rows[i] for i in keep]
-                    cache.batch_select_indices(index)
-                    tokens, mask, seen, seen_mask = (
-                        tokens[index],
-                        mask[index],
-                        seen[index],
-                        seen_mask[index],
-                    )
-                    temperature, top_k, top_p, penalty = (
-                        temperature[index],
-                        top_k[index],
-                        top_p[index],
-                        penalty[index],
-                    )
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-                seen = torch.cat([seen, tokens[:, None]], dim=1)
-                seen_mask = torch.cat([seen_mask, seen_mask.new_ones((len(rows), 1))], dim=1)
-                logits = (
-                    self.model(
-                        input_ids=tokens[:, None], attention_mask=mask, cache=cache, use_cache=True
-                    )
-                    .logits[:, -1]
-                    .float()
+            row.prompt_seconds = time.perf_counter() - start
+        self.prefix_cache.store(prompt, [(layer.keys, layer.values) for layer in cache.layers])
+        row.cached_tokens = reused
+        row.started = time.perf_counter()
+        return row, ids, cache, logits
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> None:
+        """Pick every row's next token, send the text, drop finished rows, advance."""
+        rows = batch.rows
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        params = [r.request.params for r in rows]
+        temperature = column([p.temperature for p in params])
+        logits = _apply_repetition_penalty(
+            batch.logits,
+            batch.ids,
+            batch.mask.bool(),
+            column([p.repetition_penalty for p in params]),
+        )
+        for i, row in enumerate(rows):
+            for processor in row.processors:
+                seen = batch.ids[i : i + 1, batch.mask[i].bool()]
+                logits[i : i + 1] = processor(seen, logits[i : i + 1])
+            if row.grammar is not None:
+                row.grammar.apply(logits[i : i + 1])
+        tokens = self._pick(
+            logits,
+            rows,
+            temperature,
+            column([p.top_k for p in params], torch.long),
+            column([p.top_p for p in params]),
+        )
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            if row.request.cancelled.is_set():
+                continue
+            if row.grammar is not None:
+                row.grammar.accept(token)
+            chunk = row.push(token, self.eos_ids)
+            if chunk is not None and (chunk.text or chunk.token_ids):
+                row.request.send(chunk)
+            if row.finish_reason is None:
+                keep.append(i)
+                continue
+            self.prefix_cache.store(*batch.row_kv(i))
+            row.request.send(row.summary())
+        if len(keep) < len(rows):
+            batch.keep(keep)
+            tokens = tokens[keep]
+        if not batch.rows:
+            return
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        with self.loaded.lock:
+            batch.logits = (
+                self.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=batch.mask,
+                    cache=batch.cache,
+                    use_cache=True,
                 )
+                .logits[:, -1]
+                .float()
+            )
+        batch.ids = torch.cat([batch.ids, tokens[:, None]], dim=1)
 
     def _pick(
         self,

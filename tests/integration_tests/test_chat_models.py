@@ -145,16 +145,16 @@ def test_batch_equals_one_by_one_and_runs_as_one_batch(llm, monkeypatch):
     prompts = ["Hi", "Tell me a long story about dragons and castles", "1 + 1 = ?", "你好"]
     alone = [llm.invoke(p).content for p in prompts]
     sizes = []
-    original = Baichuan2Engine._run_batch
+    original = Baichuan2Engine._step
 
-    def spy(self, requests):
-        sizes.append(len(requests))
-        return original(self, requests)
+    def spy(self, batch):
+        sizes.append(len(batch.rows))
+        return original(self, batch)
 
-    monkeypatch.setattr(Baichuan2Engine, "_run_batch", spy)
+    monkeypatch.setattr(Baichuan2Engine, "_step", spy)
     together = [m.content for m in llm.batch(prompts)]
     assert together == alone
-    assert sizes == [len(prompts)]
+    assert sizes[0] == len(prompts)  # every prompt decodes from the first step on
 
 
 async def test_abatch_equals_one_by_one(llm):

@@ -1,0 +1,99 @@
+"""Reuse of the KV cache of recent prompts (prefix caching), within a token budget.
+
+A chat re-sends its whole history every turn and an agent re-sends a growing
+transcript: the new prompt starts with ids the model has already seen. The store keeps
+the keys/values of recent sequences and hands back the longest stored prefix of a new
+prompt, so only the remainder is prefilled. Entries are evicted least recently used
+first once the total stored tokens exceed the budget.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+# Keys and values of one sequence: one (keys, values) pair per layer, [1, H, L, D] each.
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading ids ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """Least-recently-used store of per-sequence KV caches.
+
+    Args:
+        budget_tokens: Most tokens kept over all entries; 0 disables the store.
+    """
+
+    def __init__(self, budget_tokens: int = 0) -> None:
+        self.budget_tokens = budget_tokens
+        self._entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens currently held over all entries."""
+        return sum(len(ids) for ids in self._entries)
+
+    def entries(self) -> list[tuple[int, ...]]:
+        """The stored id sequences, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def resize(self, budget_tokens: int) -> None:
+        """Change the budget, evicting what no longer fits (0 empties the store)."""
+        with self._lock:
+            self.budget_tokens = budget_tokens
+            self._evict()
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, LayerKV | None]:
+        """The longest stored prefix of ``ids``, leaving at least one id to prefill.
+
+        Returns:
+            The number of reused ids and their per-layer keys/values (views of the
+            stored tensors), or ``(0, None)``.
+        """
+        with self._lock:
+            best, best_key = 0, None
+            for key in self._entries:
+                shared = min(common_prefix_length(key, ids), len(ids) - 1)
+                if shared > best:
+                    best, best_key = shared, key
+            if best_key is None:
+                return 0, None
+            self._entries.move_to_end(best_key)
+            kv = self._entries[best_key]
+            return best, [(k[:, :, :best], v[:, :, :best]) for k, v in kv]
+
+    def store(self, ids: Sequence[int], kv: LayerKV) -> None:
+        """Keep ``kv`` (``len(ids)`` positions per layer) for ``ids``.
+
+        Entries that are prefixes of ``ids`` are dropped: the new entry serves them.
+        """
+        key = tuple(ids)
+        if not key or len(key) > self.budget_tokens:
+            return
+        with self._lock:
+            for old in [k for k in self._entries if k == key[: len(k)]]:
+                del self._entries[old]
+            self._entries[key] = [(k.clone(), v.clone()) for k, v in kv]
+            self._evict()
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+
+    def _evict(self) -> None:
+        while self._entries and self.stored_tokens > self.budget_tokens:
+            self._entries.popitem(last=False)

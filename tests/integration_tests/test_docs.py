@@ -1,0 +1,148 @@
+"""The user documentation runs as written: README.md's Python blocks and the notebook.
+
+Real model ids in the README are swapped for tiny random checkpoints of the same
+shape family, so nothing is downloaded; everything else in the blocks runs unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from pydantic import model_validator
+
+import langchain_baichuan2
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.testing import make_tiny_legacy_4bit_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+NOTEBOOK = ROOT / "examples" / "notebook.ipynb"
+
+# Commands that .ci/run executes, so the README must show them verbatim.
+INSTALL_COMMANDS = ("pip install torch==2.13.0", 'pip install -e ".[test]"')
+TEST_COMMAND = "pytest"
+
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+_BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+_PLACEHOLDER_FOLDER = re.compile(r'"/path/to/[^"]*"')
+_MODEL_ID = re.compile(r"baichuan-inc/[\w.-]+")
+
+# Random weights rarely emit EOS: cap the answers so every block finishes quickly, and
+# bound JSON strings so constrained output closes (see ChatBaichuan2.grammar_max_length).
+DOC_MAX_TOKENS = 64
+DOC_GRAMMAR_MAX_LENGTH = 8
+
+
+class _RandomWeightsChat(ChatBaichuan2):
+    """ChatBaichuan2 with short, greedy answers: what the README says, sized for a test."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_answers(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        values["max_tokens"] = min(values.get("max_tokens") or DOC_MAX_TOKENS, DOC_MAX_TOKENS)
+        values.setdefault("temperature", 0)
+        values.setdefault("grammar_max_length", DOC_GRAMMAR_MAX_LENGTH)
+        return values
+
+
+def python_blocks(markdown: str) -> list[tuple[int, str]]:
+    """Each fenced ```python block with the line number its code starts on."""
+    return [
+        (markdown.count("\n", 0, match.start(1)) + 1, match.group(1))
+        for match in _PYTHON_BLOCK.finditer(markdown)
+    ]
+
+
+def swap_models(code: str, checkpoints: dict[str, Path]) -> str:
+    """Replace real model ids and placeholder folders with tiny checkpoint paths."""
+    # Longest id first: "...-7B-Chat" is a prefix of "...-7B-Chat-4bits".
+    for model_id in sorted(checkpoints, key=len, reverse=True):
+        code = code.replace(f'"{model_id}"', repr(str(checkpoints[model_id])))
+
+    def folder(match: re.Match[str]) -> str:
+        variant = "13B" if "13B" in match.group(0) else "7B"
+        return repr(str(checkpoints[f"baichuan-inc/Baichuan2-{variant}-Chat"]))
+
+    return _PLACEHOLDER_FOLDER.sub(folder, code)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(
+    tiny_7b: Path, tiny_13b: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The tiny checkpoint that stands in for each real model id."""
+    legacy_4bit = make_tiny_legacy_4bit_checkpoint(tmp_path_factory.mktemp("tiny7b4bits"), "7b")
+    return {
+        "baichuan-inc/Baichuan2-7B-Chat": tiny_7b,
+        # tiny_13b is 320 wide: bitsandbytes' CPU 4-bit kernel needs multiples of 64.
+        "baichuan-inc/Baichuan2-13B-Chat": tiny_13b,
+        "baichuan-inc/Baichuan2-7B-Chat-4bits": legacy_4bit,
+    }
+
+
+def test_readme_shows_the_ci_commands():
+    bash = "\n".join(_BASH_BLOCK.findall(README.read_text(encoding="utf-8")))
+    lines = [line.split("#")[0].strip() for line in bash.splitlines()]
+    for command in (*INSTALL_COMMANDS, TEST_COMMAND, "python -m langchain_baichuan2 demo"):
+        assert command in lines, f"README bash blocks lack the command {command!r}"
+
+
+def test_readme_python_blocks_run(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _RandomWeightsChat)
+    blocks = python_blocks(README.read_text(encoding="utf-8"))
+    assert blocks, "README.md has no python blocks"
+    namespace: dict[str, Any] = {"__name__": "__readme__"}
+    for line, code in blocks:
+        code = swap_models(code, checkpoints)
+        unknown = _MODEL_ID.findall(code)
+        assert not unknown, f"README.md:{line}: no tiny stand-in for {unknown}"
+        # Blocks build on each other (llm, tools), as a reader running them in order would.
+        exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+
+
+def _current_python_kernel(folder: Path) -> KernelManager:
+    """A kernel manager for a ``python3`` kernel of this interpreter.
+
+    The spec is written into ``folder`` and only that folder is searched, so neither a
+    missing registration nor a ``python3`` spec of another interpreter can interfere.
+    """
+    from ipykernel.kernelspec import write_kernel_spec
+
+    write_kernel_spec(folder / "python3")
+    specs = KernelSpecManager(kernel_dirs=[str(folder)])
+    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def test_notebook_runs_top_to_bottom(tmp_path: Path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.kernelspec.name == "python3"
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    stored = [i for i, cell in enumerate(code_cells) if cell.outputs or cell.execution_count]
+    assert not stored, f"code cells {stored} are stored with outputs; clear them"
+
+    client = NotebookClient(
+        notebook,
+        km=_current_python_kernel(tmp_path / "kernels"),
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    errors = [
+        output for cell in code_cells for output in cell.outputs if output.output_type == "error"
+    ]
+    assert not errors
+    text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
+    assert "温故而知新" in text  # the retrieval cell found its document

@@ -1,0 +1,125 @@
+"""Prefix KV reuse and continuous batching give the same answers as running alone."""
+
+import threading
+import time
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engine import engine_for
+
+SYSTEM = "You are a careful assistant who answers in short sentences. " * 3
+
+
+def chat(folder, **kwargs):
+    return ChatBaichuan2(model=str(folder), temperature=0, max_tokens=16, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "follow_up",
+    [
+        # shares the whole first conversation, then goes on
+        lambda first, answer: [*first, AIMessage(answer), HumanMessage("And then?")],
+        # shares only the system prompt and the start of the first question
+        lambda first, answer: [first[0], HumanMessage("Tell me about rivers instead")],
+        # diverges inside the system prompt
+        lambda first, answer: [SystemMessage(SYSTEM[:40] + " Be playful."), first[1]],
+    ],
+    ids=["full-history", "partial-prefix", "diverges-in-system"],
+)
+def test_reuse_on_and_off_give_identical_greedy_tokens(tiny_checkpoint, follow_up):
+    first = [SystemMessage(SYSTEM), HumanMessage("Tell me about mountains")]
+    without = chat(tiny_checkpoint, prefix_cache_tokens=0)
+    engine = engine_for(without.loaded_model())
+    answer = without.invoke(first).content
+    expected = without.invoke(follow_up(first, answer))
+    assert expected.usage_metadata["input_token_details"]["cache_read"] == 0
+
+    with_reuse = chat(tiny_checkpoint, prefix_cache_tokens=4096)
+    assert with_reuse.invoke(first).content == answer
+    got = with_reuse.invoke(follow_up(first, answer))
+    assert got.content == expected.content
+    assert got.usage_metadata["input_token_details"]["cache_read"] > 0
+    assert engine.prefix_cache.stored_tokens <= 4096
+
+
+def test_reuse_counts_the_shared_prefix_exactly(tiny_7b):
+    llm = chat(tiny_7b, prefix_cache_tokens=4096)
+    loaded = llm.loaded_model()
+    engine_for(loaded).prefix_cache.clear()
+    tokenizer = loaded.tokenizer
+    first = llm.invoke([SystemMessage(SYSTEM), HumanMessage("alpha")])
+    assert first.usage_metadata["input_token_details"]["cache_read"] == 0
+    second = llm.invoke([SystemMessage(SYSTEM), HumanMessage("beta")])
+    system_ids = tokenizer.encode(SYSTEM, add_special_tokens=False)
+    # The prompts share the system ids and the user token 195.
+    assert second.usage_metadata["input_token_details"]["cache_read"] == len(system_ids) + 1
+
+
+def test_the_store_stays_within_a_small_budget(tiny_7b):
+    llm = chat(tiny_7b, prefix_cache_tokens=40)
+    engine = engine_for(llm.loaded_model())
+    for i in range(6):
+        llm.invoke(f"question number {i} " * 3)
+        assert engine.prefix_cache.stored_tokens <= 40
+    chat(tiny_7b, prefix_cache_tokens=0).invoke("hi")
+    assert engine.prefix_cache.stored_tokens == 0
+
+
+def test_eight_concurrent_requests_each_equal_their_run_alone(tiny_7b):
+    settings = [
+        {"temperature": 0},
+        {"temperature": 0, "stop": ["e"]},
+        {"temperature": 0, "repetition_penalty": 1.3},
+        {"temperature": 0, "max_tokens": 5},
+        {"temperature": 0.9, "top_k": 20, "seed": 1},
+        {"temperature": 1.2, "top_p": 0.8, "seed": 2},
+        {"temperature": 0, "stop": ["a", "o"]},
+        {"temperature": 0.7, "seed": 3, "stop": ["i"]},
+    ]
+    models = [
+        ChatBaichuan2(model=str(tiny_7b), prefix_cache_tokens=0, **{"max_tokens": 24, **s})
+        for s in settings
+    ]
+    prompts = [f"Prompt {i}: " + "more words " * i for i in range(8)]
+    alone = [m.invoke(p).content for m, p in zip(models, prompts, strict=True)]
+    results = {}
+
+    def run(i):
+        results[i] = models[i].invoke(prompts[i]).content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(8)] == alone
+
+
+def test_a_new_request_joins_the_running_batch_and_a_cancelled_one_leaves_it(tiny_7b):
+    long = ChatBaichuan2(
+        model=str(tiny_7b), temperature=0, max_tokens=400, model_kwargs={"min_new_tokens": 400}
+    )
+    short = chat(tiny_7b)
+    expected_short = short.invoke("short one").content
+    events = []
+
+    def run_long():
+        for i, _ in enumerate(long.stream("a long answer please")):
+            if i == 5:
+                events.append("long running")
+            if i == 60:  # leave early: cancels this request only
+                break
+        events.append("long cancelled")
+
+    worker = threading.Thread(target=run_long)
+    worker.start()
+    while "long running" not in events:
+        time.sleep(0.005)
+    assert short.invoke("short one").content == expected_short
+    events.append("short done")
+    worker.join(timeout=120)
+    # The short request finished while the long one was still decoding.
+    assert events.index("short done") < events.index("long cancelled")
+    assert short.invoke("short one").content == expected_short
