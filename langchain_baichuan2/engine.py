@@ -13,6 +13,7 @@ worker keeps serving.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import math
 import queue
 import threading
@@ -130,6 +131,10 @@ class GenerationChunk:
     completion_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+
+
+# Put in an engine's inbox to stop its worker.
+_SHUTDOWN = object()
 
 
 class _Request:
@@ -425,8 +430,11 @@ class Baichuan2Engine:
 
     # -- the worker ---------------------------------------------------------------------
 
-    def _take_waiting(self, block: bool) -> list[_Request]:
-        """Take the queued requests; when idle, wait for one and for announced ones."""
+    def _take_waiting(self, block: bool) -> list[_Request] | None:
+        """Take the queued requests; when idle, wait for one and for announced ones.
+
+        Returns None when the engine is shutting down.
+        """
         requests = []
         if block:
             requests.append(self._inbox.get())
@@ -438,13 +446,15 @@ class Baichuan2Engine:
             try:
                 requests.append(self._inbox.get_nowait())
             except queue.Empty:
+                if _SHUTDOWN in requests:
+                    return None
                 return [r for r in requests if not r.cancelled.is_set()]
 
     def _serve(self) -> None:
         """Continuous batching: new requests join the running batch between steps."""
         batch: _Batch | None = None
-        while True:
-            for request in self._take_waiting(block=batch is None):
+        while (requests := self._take_waiting(block=batch is None)) is not None:
+            for request in requests:
                 try:
                     row, ids, cache, logits = self._prefill(request)
                 except BaseException as e:  # this caller must see it; the others go on
@@ -464,6 +474,12 @@ class Baichuan2Engine:
                 batch.rows = []
             if not batch.rows:
                 batch = None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the worker thread (pending requests are not served)."""
+        if self._worker is not None and self._worker.is_alive():
+            self._inbox.put(_SHUTDOWN)  # type: ignore[arg-type]
+            self._worker.join(timeout)
 
     def _kv_cache(self, kv: LayerKV | None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
@@ -597,6 +613,13 @@ def merge_chunks(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
 
 _engines: dict[int, Baichuan2Engine] = {}
 _engines_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """Let worker threads finish before the interpreter tears native libraries down."""
+    for engine in list(_engines.values()):
+        engine.shutdown()
 
 
 def engine_for(loaded: LoadedModel) -> Baichuan2Engine:

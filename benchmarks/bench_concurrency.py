@@ -1,0 +1,84 @@
+"""Throughput of 8 concurrent streams (continuous batching) vs the same 8 in turn.
+
+python benchmarks/bench_concurrency.py [--hidden 512 --layers 6 --new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.testing import make_tiny_checkpoint
+
+REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    folder = make_tiny_checkpoint(
+        tempfile.mkdtemp(prefix="bench-concurrency-"),
+        "7b",
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
+        tokenizer_model=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None,
+    )
+    n = args.new_tokens
+    llm = ChatBaichuan2(
+        model=str(folder),
+        temperature=0,
+        max_tokens=n,
+        model_kwargs={"min_new_tokens": n},
+        prefix_cache_tokens=0,  # measure batching alone
+    )
+    prompts = [f"Stream {i}: " + "tell me about the sea " * (i + 2) for i in range(args.streams)]
+    llm.invoke("warm up")
+
+    def stream(prompt: str) -> str:
+        return "".join(chunk.text for chunk in llm.stream(prompt))
+
+    start = time.perf_counter()
+    sequential = [stream(p) for p in prompts]
+    sequential_s = time.perf_counter() - start
+
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        results[i] = stream(prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent_s = time.perf_counter() - start
+    identical = [results[i] for i in range(args.streams)] == sequential
+
+    total = args.streams * n
+    print(
+        f"model: hidden {args.hidden}, layers {args.layers}, fp32, CPU; "
+        f"{args.streams} streams x {n} tokens"
+    )
+    print(f"{'mode':12s} {'seconds':>8s} {'tok/s':>8s}")
+    print(f"{'sequential':12s} {sequential_s:8.2f} {total / sequential_s:8.1f}")
+    print(f"{'concurrent':12s} {concurrent_s:8.2f} {total / concurrent_s:8.1f}")
+    print(
+        f"throughput ratio {sequential_s / concurrent_s:.2f}x (target >= 3x); "
+        f"results identical: {identical}"
+    )
+
+
+if __name__ == "__main__":
+    main()
