@@ -100,13 +100,15 @@ def _json_grammar(schema: dict[str, Any] | None) -> xgr.Grammar:
 
 
 def bound_lengths(schema: Any, max_length: int | None) -> Any:
-    """Copy ``schema`` with length bounds on strings and arrays that have none.
+    """Copy ``schema`` with length bounds on strings, arrays and numbers that have none.
 
-    Small or untrained models can ramble inside a JSON string or array forever; a
-    bound makes every constrained output finish. Strings get a ``pattern`` of at most
-    ``max_length`` characters that are neither control characters, quotes nor
-    backslashes (xgrammar's ``maxLength`` rule lets raw control characters through,
-    which is not valid JSON); arrays get ``maxItems``. None returns ``schema``.
+    Small or untrained models can ramble inside a JSON string, array or number
+    forever; a bound makes every constrained output finish. Strings get a ``pattern``
+    of at most ``max_length`` characters that are neither control characters, quotes
+    nor backslashes (xgrammar's ``maxLength`` rule lets raw control characters
+    through, which is not valid JSON); arrays get ``maxItems``; integers and numbers
+    get ``minimum``/``maximum`` of ``max_length`` digits (which also bounds a number's
+    fraction digits). None returns ``schema``.
     """
     if max_length is None:
         return schema
@@ -121,10 +123,13 @@ def bound_lengths(schema: Any, max_length: int | None) -> Any:
         bounded["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{0,{max_length}}}$'
     if "array" in types and "maxItems" not in schema:
         bounded["maxItems"] = max_length
+    if ("integer" in types or "number" in types) and not _NUMBER_BOUNDS & schema.keys():
+        bounded["minimum"], bounded["maximum"] = -(10**max_length - 1), 10**max_length - 1
     return bounded
 
 
 _STRING_CONSTRAINTS = {"maxLength", "pattern", "format", "enum", "const"}
+_NUMBER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const"}
 
 
 def tool_call_structural_tag(tools: list[dict[str, Any]]) -> dict[str, Any]:

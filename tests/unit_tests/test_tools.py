@@ -197,6 +197,8 @@ def test_length_bounds_apply_only_where_no_constraint_exists():
             "limited": {"type": "string", "maxLength": 3},
             "choice": {"type": "string", "enum": ["x", "y"]},
             "items": {"type": "array", "items": {"type": ["string", "null"]}},
+            "count": {"type": "integer"},
+            "ratio": {"type": "number", "maximum": 1},
         },
     }
     bounded = bound_lengths(schema, 8)
@@ -206,4 +208,12 @@ def test_length_bounds_apply_only_where_no_constraint_exists():
     assert "pattern" not in bounded["properties"]["choice"]
     assert bounded["properties"]["items"]["items"]["pattern"] == pattern
     assert bounded["properties"]["items"]["maxItems"] == 8
+    assert (
+        bounded["properties"]["count"]["minimum"],
+        bounded["properties"]["count"]["maximum"],
+    ) == (
+        -99999999,
+        99999999,
+    )
+    assert "minimum" not in bounded["properties"]["ratio"]
     assert bound_lengths(schema, None) is schema
