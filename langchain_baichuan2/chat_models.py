@@ -278,6 +278,10 @@ class ChatBaichuan2(BaseChatModel):
     the loaded model, so it is shared by every object using it; the latest setting
     wins. Default 4096 tokens (about 2 GiB for 7B in bf16)."""
 
+    show_progress: bool | None = None
+    """Progress bars while downloading and loading weights. Default None: shown in a
+    terminal or notebook, hidden when output is not interactive."""
+
     streaming: bool = False
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
 
@@ -376,6 +380,7 @@ class ChatBaichuan2(BaseChatModel):
             dtype=self.dtype,  # type: ignore[arg-type]
             device_map=self.device_map,
             quantization=self.quantization,
+            show_progress=self.show_progress,
         )
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:

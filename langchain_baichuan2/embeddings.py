@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 from transformers import BitsAndBytesConfig
 
-from langchain_baichuan2.loading import LoadedModel, registry
+from langchain_baichuan2.loading import LoadedModel, progress_enabled, registry
 
 if TYPE_CHECKING:
     from langchain_baichuan2.chat_models import ChatBaichuan2
@@ -25,7 +24,15 @@ logger = logging.getLogger(__name__)
 Pooling = Literal["mean", "last", "weighted_mean"]
 
 # The fields that say which weights to load; equal values share one loaded model.
-_MODEL_FIELDS = ("model", "revision", "source", "dtype", "device_map", "quantization")
+_MODEL_FIELDS = (
+    "model",
+    "revision",
+    "source",
+    "dtype",
+    "device_map",
+    "quantization",
+    "show_progress",
+)
 
 
 def _check_texts(texts: Sequence[Any]) -> list[str]:
@@ -189,8 +196,8 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
     """Texts per forward pass."""
 
     show_progress: bool | None = None
-    """Whether to show a tqdm bar for calls of more than one batch. None: only when
-    stderr is a terminal (so not in CI or under pytest)."""
+    """Progress bars for loading the weights and for calls of more than one batch.
+    None: only in a terminal or notebook (so not in CI or under pytest)."""
 
     @classmethod
     def from_chat_model(cls, chat: ChatBaichuan2, **kwargs: Any) -> Baichuan2Embeddings:
@@ -215,6 +222,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
             dtype=self.dtype,
             device_map=self.device_map,
             quantization=self.quantization,
+            show_progress=self.show_progress,
         )
 
     @property
@@ -320,7 +328,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         ids = self._tokenize(loaded, texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        show = sys.stderr.isatty() if self.show_progress is None else self.show_progress
+        show = progress_enabled(self.show_progress)
         bar = tqdm(batches, desc="Embedding", unit="batch", disable=not show or len(batches) < 2)
         sorted_vectors = torch.cat(
             [self._embed_batch(loaded, [ids[i] for i in batch]) for batch in bar]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -280,6 +283,7 @@ def load_model_and_tokenizer(
     dtype: DType | torch.dtype = "auto",
     device_map: str | dict | None = None,
     quantization: Quantization = None,
+    show_progress: bool | None = None,
 ) -> LoadedModel:
     """Load a Baichuan2 checkpoint from a folder or a model id.
 
@@ -293,10 +297,60 @@ def load_model_and_tokenizer(
             None means ``"cuda"`` when a GPU is present, else ``"cpu"``.
         quantization: ``"4bit"`` (NF4, double quant), ``"8bit"``, a
             ``BitsAndBytesConfig``, or None.
+        show_progress: Progress bars for download and weight loading; None shows
+            them in a terminal or notebook and hides them otherwise (CI, logs).
 
     Returns:
         The model (eval mode, head normalized), tokenizer and generation defaults.
     """
+    with progress_bars(progress_enabled(show_progress)):
+        return _load(name, revision, source, dtype, device_map, quantization)
+
+
+def progress_enabled(show_progress: bool | None) -> bool:
+    """Whether to draw progress bars: as asked, else only when someone is watching."""
+    if show_progress is not None:
+        return show_progress
+    try:
+        from IPython import get_ipython
+
+        if get_ipython() is not None:
+            return True
+    except ImportError:
+        pass
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch transformers' and the HF Hub's tqdm bars on or off, then restore them."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+
+    was_transformers = hf_logging.is_progress_bar_enabled()
+    was_hub = not are_progress_bars_disabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_transformers else hf_logging.disable_progress_bar)()
+        (enable_progress_bars if was_hub else disable_progress_bars)()
+
+
+def _load(
+    name: str | Path,
+    revision: str | None,
+    source: Source,
+    dtype: DType | torch.dtype,
+    device_map: str | dict | None,
+    quantization: Quantization,
+) -> LoadedModel:
+    """The body of :func:`load_model_and_tokenizer`, inside its progress settings."""
     on_gpu = torch.cuda.is_available()
     torch_dtype = resolve_dtype(dtype, on_gpu=on_gpu)
     bnb_config = quantization_config(quantization, torch_dtype)
@@ -382,6 +436,7 @@ class ModelRegistry:
         dtype: DType | torch.dtype = "auto",
         device_map: str | dict | None = None,
         quantization: Quantization = None,
+        show_progress: bool | None = None,
     ) -> LoadedModel:
         """Return the shared model for these settings, loading it on first request."""
         key = self.key(name, revision, source, dtype, device_map, quantization)
@@ -396,6 +451,7 @@ class ModelRegistry:
                     dtype=dtype,
                     device_map=device_map,
                     quantization=quantization,
+                    show_progress=show_progress,
                 )
             return self._models[key]
 

@@ -273,3 +273,14 @@ def test_download_without_network_says_so(source, monkeypatch, tmp_path):
             load_model_and_tokenizer("baichuan-inc/Baichuan2-7B-Chat", source=source)
     finally:
         enable_socket()
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_progress_bars_are_switchable(tiny_13b, capsys, show):
+    load_model_and_tokenizer(tiny_13b, show_progress=show)
+    assert ("Loading weights" in capsys.readouterr().err) is show
+
+
+def test_progress_bars_are_off_when_nobody_watches(tiny_13b, capsys):
+    load_model_and_tokenizer(tiny_13b)  # pytest's captured stderr is not a terminal
+    assert "Loading weights" not in capsys.readouterr().err
