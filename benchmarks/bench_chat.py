@@ -10,17 +10,14 @@ the throughput of ``batch`` of 8 vs 8 sequential invokes.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from common import bench_checkpoint, model_arguments
 from langchain_core.messages import HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.testing import make_tiny_checkpoint
 
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
 QUESTION = "Explain the difference between a list and a tuple in Python. " * 4
 
 
@@ -35,22 +32,12 @@ def best(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
+    parser = model_arguments(argparse.ArgumentParser())
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    folder = make_tiny_checkpoint(
-        tempfile.mkdtemp(prefix="bench-chat-"),
-        "7b",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        tokenizer_model=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None,
-    )
+    folder = bench_checkpoint(args, "chat")
     n = args.new_tokens
     # min_new_tokens makes every path decode exactly n tokens (random weights).
     llm = ChatBaichuan2(

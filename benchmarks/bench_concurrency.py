@@ -6,34 +6,21 @@ python benchmarks/bench_concurrency.py [--hidden 512 --layers 6 --new-tokens 64]
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
-from pathlib import Path
+
+from common import bench_checkpoint, model_arguments
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.testing import make_tiny_checkpoint
-
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
+    parser = model_arguments(argparse.ArgumentParser())
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    folder = make_tiny_checkpoint(
-        tempfile.mkdtemp(prefix="bench-concurrency-"),
-        "7b",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        tokenizer_model=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None,
-    )
+    folder = bench_checkpoint(args, "concurrency")
     n = args.new_tokens
     llm = ChatBaichuan2(
         model=str(folder),

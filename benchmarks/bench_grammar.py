@@ -9,19 +9,15 @@ random model, so the per-step cost of masking the full vocabulary is what is mea
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
+from common import REAL_TOKENIZER, bench_checkpoint, model_arguments
 from langchain_core.messages import HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engine import merge_chunks
 from langchain_baichuan2.grammar import GrammarCompiler
-from langchain_baichuan2.testing import make_tiny_checkpoint
 from langchain_baichuan2.tools import format_tools
-
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
 
 
 def get_weather(city: str, unit: str = "celsius") -> str:
@@ -40,24 +36,14 @@ def book_flight(origin: str, destination: str, date: str, passengers: int) -> st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
+    parser = model_arguments(argparse.ArgumentParser())
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not REAL_TOKENIZER.is_file():
         raise SystemExit(f"needs the real tokenizer at {REAL_TOKENIZER}")
 
-    folder = make_tiny_checkpoint(
-        tempfile.mkdtemp(prefix="bench-grammar-"),
-        "7b",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        tokenizer_model=REAL_TOKENIZER,
-    )
+    folder = bench_checkpoint(args, "grammar")
     n = args.new_tokens
     llm = ChatBaichuan2(
         model=str(folder),

@@ -9,16 +9,12 @@ history. With reuse the engine prefills only what is new since the previous turn
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
+from common import bench_checkpoint, model_arguments
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.testing import make_tiny_checkpoint
-
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
 
 
 def time_to_first_token(llm: ChatBaichuan2, messages: list[BaseMessage]) -> float:
@@ -30,22 +26,12 @@ def time_to_first_token(llm: ChatBaichuan2, messages: list[BaseMessage]) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
+    parser = model_arguments(argparse.ArgumentParser())
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--turn-tokens", type=int, default=200, help="approx. tokens per turn")
     args = parser.parse_args()
 
-    folder = make_tiny_checkpoint(
-        tempfile.mkdtemp(prefix="bench-prefix-"),
-        "7b",
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64,
-        tokenizer_model=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None,
-    )
+    folder = bench_checkpoint(args, "prefix")
     settings = {"model": str(folder), "temperature": 0, "max_tokens": args.turn_tokens // 2}
     with_reuse = ChatBaichuan2(**settings, prefix_cache_tokens=8192)
     without = ChatBaichuan2(**settings, prefix_cache_tokens=0)
