@@ -79,6 +79,7 @@ def _response_metadata(final: GenerationChunk, model_name: str, prompt: ChatProm
         else None,
         "tokens_per_second": final.completion_tokens / seconds if seconds else None,
         "dropped_rounds": prompt.dropped_rounds,
+        "prompt_truncated": prompt.truncated,
     }
 
 
@@ -152,7 +153,10 @@ class ChatBaichuan2(BaseChatModel):
 
     Messages become Baichuan2's role-token prompt exactly as the official
     ``build_chat_input`` builds it (system text, user token 195, assistant token 196,
-    oldest rounds dropped to fit ``model_max_length - max_tokens``). The weights load
+    oldest rounds dropped to fit ``model_max_length - max_tokens``). A newest round
+    that alone exceeds that budget is cut on the left by the official rule (its start,
+    or the system prompt's, is lost): a warning is logged and
+    ``response_metadata["prompt_truncated"]`` is True. The weights load
     lazily, once, on the first call, and are shared with every ``ChatBaichuan2`` and
     ``Baichuan2Embeddings`` configured alike.
 

@@ -349,3 +349,20 @@ def test_the_real_tokenizer_stream_never_splits_a_character(
     chunks = [c.content for c in llm.stream("你好")]
     assert "".join(chunks) == text
     assert all("\ufffd" not in c for c in chunks)
+
+
+def test_a_newest_round_over_the_budget_is_cut_by_the_official_rule(tiny_7b, caplog):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=8, model_max_length=48)
+    loaded = llm.loaded_model()
+    text = "a long question " * 20
+    full = [195, *loaded.tokenizer.encode(text, add_special_tokens=False), 196]
+    with caplog.at_level("WARNING"):
+        reply = llm.invoke([SystemMessage("Be brief."), HumanMessage(text)])
+    assert "cut on the left" in caplog.text
+    assert reply.response_metadata["prompt_truncated"] is True
+    # The official rule keeps the last model_max_length - max_tokens ids.
+    assert reply.usage_metadata["input_tokens"] == 48 - 8 < len(full)
+    expected = generate_directly(loaded, full[-(48 - 8) :], 8)
+    assert reply.usage_metadata["output_tokens"] == len(expected)
+    text_ids = [t for t in expected if t != 2]
+    assert reply.content == loaded.tokenizer.decode(text_ids, skip_special_tokens=True)
