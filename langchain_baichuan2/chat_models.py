@@ -215,7 +215,42 @@ class ChatBaichuan2(BaseChatModel):
         llm.invoke(messages).response_metadata
         # {"model_name": "baichuan-inc/Baichuan2-7B-Chat", "finish_reason": "stop",
         #  "prompt_seconds": 0.05, "generation_seconds": 1.9, "tokens_per_second": 30.1,
-        #  "dropped_rounds": 0, ...}
+        #  "dropped_rounds": 0, "prompt_truncated": False, ...}
+        ```
+
+    Tool calling:
+        Calls are grammar-constrained: they always parse and match the tool's schema.
+
+        ```python
+        from pydantic import BaseModel, Field
+
+
+        class GetWeather(BaseModel):
+            '''Get the current weather in a city.'''
+
+            city: str = Field(description="the city, e.g. Beijing")
+
+
+        ai_msg = llm.bind_tools([GetWeather], tool_choice="any").invoke("北京天气如何？")
+        ai_msg.tool_calls
+        # [{"name": "GetWeather", "args": {"city": "北京"}, "id": "call_...", ...}]
+        ```
+
+    Structured output:
+        ```python
+        class Joke(BaseModel):
+            setup: str
+            punchline: str
+
+
+        llm.with_structured_output(Joke).invoke("Tell me a joke about cats")
+        # Joke(setup="...", punchline="...")
+        ```
+
+    JSON mode:
+        ```python
+        llm.with_structured_output(None, method="json_mode").invoke("List three colors as JSON")
+        # {"colors": ["red", "green", "blue"]}
         ```
     """
 

@@ -111,6 +111,31 @@ def test_readme_python_blocks_run(checkpoints: dict[str, Path], monkeypatch: pyt
         exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
 
 
+_DOC_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
+
+
+@pytest.mark.parametrize("cls", ["ChatBaichuan2", "Baichuan2Embeddings"])
+def test_class_docstring_examples_run(
+    cls: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    import asyncio
+    import textwrap
+
+    doc = getattr(langchain_baichuan2, cls).__doc__
+    monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _RandomWeightsChat)
+    blocks = [textwrap.dedent(m.group(2)) for m in _DOC_BLOCK.finditer(doc)]
+    assert len(blocks) >= 4, f"{cls}'s docstring lost its examples"
+    namespace: dict[str, Any] = {"__name__": "__doc__"}
+    for i, code in enumerate(blocks):
+        code = swap_models(code, checkpoints)
+        if "await " in code:  # the Async section: run it inside an event loop
+            code = "async def _example():\n" + textwrap.indent(code, "    ")
+            exec(compile(code, f"{cls}.__doc__[{i}]", "exec", dont_inherit=True), namespace)
+            asyncio.run(namespace["_example"]())
+        else:
+            exec(compile(code, f"{cls}.__doc__[{i}]", "exec", dont_inherit=True), namespace)
+
+
 def _current_python_kernel(folder: Path) -> KernelManager:
     """A kernel manager for a ``python3`` kernel of this interpreter.
 
