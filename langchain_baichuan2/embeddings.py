@@ -303,10 +303,14 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         input_ids, mask = _right_padded(
             batch_ids, loaded.model.config.pad_token_id or 0, decoder.embed_tokens.weight.device
         )
+        # Right padding needs no attention mask: under the causal mask a real token
+        # never sees the pads after it, positions start at 0 for every row, and pad
+        # outputs are excluded by the pooling. Skipping it also keeps the 13B (ALiBi)
+        # mask at one [1, heads, L, L] tensor instead of one per text.
         with loaded.lock:
             out = decoder(
                 input_ids=input_ids,
-                attention_mask=mask,
+                attention_mask=None,
                 use_cache=False,
                 output_hidden_states=self.hidden_layer is not None,
             )

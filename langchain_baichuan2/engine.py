@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import math
 import queue
 import threading
@@ -135,6 +136,19 @@ class GenerationChunk:
 
 # Put in an engine's inbox to stop its worker.
 _SHUTDOWN = object()
+
+
+@dataclass
+class _Gather:
+    """Requests a ``gather`` block still expects."""
+
+    remaining: int
+
+
+# The gather (if any) that the current thread or task submits for.
+_current_gather: contextvars.ContextVar[_Gather | None] = contextvars.ContextVar(
+    "baichuan2_gather", default=None
+)
 
 
 class _Request:
@@ -306,10 +320,14 @@ def _apply_repetition_penalty(
     """Penalize logits of tokens already in each row (CTRL rule, as transformers does)."""
     if bool((penalty == 1.0).all()):
         return logits
-    picked = logits.gather(1, seen)
-    penalized = torch.where(picked > 0, picked / penalty[:, None], picked * penalty[:, None])
-    # Padding slots write back their unchanged value; real slots the penalized one.
-    return logits.scatter(1, seen, torch.where(seen_mask, penalized, picked))
+    # Which vocabulary entries each row has seen; amax makes a padding slot (id 0, not
+    # seen) and a real id 0 in the same row agree, whatever order scatter runs in.
+    present = torch.zeros_like(logits, dtype=torch.int8).scatter_reduce(
+        1, seen, seen_mask.to(torch.int8), reduce="amax"
+    )
+    factor = penalty[:, None]
+    penalized = torch.where(logits > 0, logits / factor, logits * factor)
+    return torch.where(present.bool(), penalized, logits)
 
 
 def _filter_top_k_top_p(
@@ -337,6 +355,8 @@ class Baichuan2Engine:
 
     # How long the worker waits for the rest of an announced group (see ``gather``).
     GATHER_TIMEOUT = 1.0
+    # How often a waiting caller checks that the worker is still alive.
+    POLL_SECONDS = 1.0
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -345,11 +365,12 @@ class Baichuan2Engine:
         self.device = next(self.model.parameters()).device
         eos = loaded.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else 2])
-        self.pad_id = self.model.config.pad_token_id or 0
+        self.vocab_size = self.model.config.vocab_size
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._announced = threading.Condition()
-        self._expected = 0
+        self._lock = threading.Condition()
+        self._gathers: list[_Gather] = []
+        self._closed = False
         self.prefix_cache = PrefixCache()
 
     # -- submitting -------------------------------------------------------------------
@@ -358,17 +379,21 @@ class Baichuan2Engine:
     def gather(self, count: int) -> Iterator[None]:
         """Announce ``count`` requests about to arrive from other threads or tasks.
 
-        The worker waits (up to ``GATHER_TIMEOUT``) until they are all queued, so
-        they start together as one batch instead of one by one.
+        The worker waits (up to ``GATHER_TIMEOUT``) until they are all queued, so they
+        start together as one batch instead of one by one. Only requests submitted from
+        inside this context (the threads and tasks it starts inherit it) count.
         """
-        with self._announced:
-            self._expected += count
+        group = _Gather(count)
+        token = _current_gather.set(group)
+        with self._lock:
+            self._gathers.append(group)
         try:
             yield
         finally:
-            with self._announced:
-                self._expected = max(0, self._expected - count)
-                self._announced.notify_all()
+            _current_gather.reset(token)
+            with self._lock:
+                self._gathers.remove(group)
+                self._lock.notify_all()
 
     def _submit(
         self,
@@ -378,17 +403,48 @@ class Baichuan2Engine:
     ) -> _Request:
         if not prompt_ids:
             raise ValueError("The prompt is empty: there is nothing to generate from")
+        self._check_token_ids(params)
         request = _Request(prompt_ids, params, loop)
-        with self._announced:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("The Baichuan2 engine was shut down")
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(
                     target=self._serve, name="baichuan2-engine", daemon=True
                 )
                 self._worker.start()
             self._inbox.put(request)
-            self._expected = max(0, self._expected - 1)
-            self._announced.notify_all()
+            group = _current_gather.get()
+            if group is not None:
+                group.remaining -= 1
+            self._lock.notify_all()
         return request
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Reject token ids outside the vocabulary before they can reach a batch."""
+        for name, value in params.extra:
+            if name not in ("suppress_tokens", "bad_words_ids"):
+                continue
+            ids = [int(i) for item in value for i in (item if name == "bad_words_ids" else [item])]
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                msg = f"{name} holds ids outside the vocabulary 0..{self.vocab_size - 1}: {bad[:5]}"
+                raise ValueError(msg)
+            if name == "suppress_tokens" and len(set(ids)) >= self.vocab_size:
+                raise ValueError("suppress_tokens suppresses every token: nothing can be generated")
+
+    def _wait(self, request: _Request) -> GenerationChunk:
+        """Block for the request's next chunk, raising what the worker sent instead."""
+        while True:
+            try:
+                item = request.outbox.get(timeout=self.POLL_SECONDS)
+            except queue.Empty:
+                if self._worker is not None and self._worker.is_alive():
+                    continue
+                item = RuntimeError("The Baichuan2 engine's worker stopped unexpectedly")
+            if isinstance(item, BaseException):
+                raise item
+            return item
 
     def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams
@@ -400,9 +456,7 @@ class Baichuan2Engine:
         request = self._submit(prompt_ids, params)
         try:
             while True:
-                item = request.outbox.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = self._wait(request)
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -419,6 +473,8 @@ class Baichuan2Engine:
         request = self._submit(prompt_ids, params, asyncio.get_running_loop())
         try:
             while True:
+                # No polling here: asyncio.wait_for can swallow a cancellation (3.11),
+                # and the worker answers every request it took, even when it fails.
                 item = await request.outbox.get()
                 if isinstance(item, BaseException):
                     raise item
@@ -439,47 +495,67 @@ class Baichuan2Engine:
         if block:
             requests.append(self._inbox.get())
             deadline = time.monotonic() + self.GATHER_TIMEOUT
-            with self._announced:
-                while self._expected > 0 and time.monotonic() < deadline:
-                    self._announced.wait(deadline - time.monotonic())
+            with self._lock:
+                while any(g.remaining > 0 for g in self._gathers):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
         while True:
             try:
                 requests.append(self._inbox.get_nowait())
             except queue.Empty:
-                if _SHUTDOWN in requests:
-                    return None
-                return [r for r in requests if not r.cancelled.is_set()]
+                return None if _SHUTDOWN in requests else requests
 
     def _serve(self) -> None:
-        """Continuous batching: new requests join the running batch between steps."""
+        """Continuous batching: new requests join the running batch between steps.
+
+        An error in one request's prefill reaches that caller; an error in a decode
+        step, or an unexpected one (say, out of memory while joining the batch), ends
+        the batch with that error for every caller in it. The worker goes on serving.
+        """
         batch: _Batch | None = None
         while (requests := self._take_waiting(block=batch is None)) is not None:
-            for request in requests:
-                try:
-                    row, ids, cache, logits = self._prefill(request)
-                except BaseException as e:  # this caller must see it; the others go on
-                    request.send(e)
-                    continue
-                if batch is None:
-                    batch = _Batch(row, ids, cache, logits)
-                else:
-                    batch.add(row, ids, cache, logits)
-            if batch is None:
-                continue
             try:
-                self._step(batch)
+                for request in requests:
+                    if request.cancelled.is_set():
+                        continue
+                    try:
+                        row, ids, cache, logits = self._prefill(request)
+                    except Exception as e:  # this caller must see it; the others go on
+                        request.send(e)
+                        continue
+                    if batch is None:
+                        batch = _Batch(row, ids, cache, logits)
+                    else:
+                        batch.add(row, ids, cache, logits)
+                if batch is not None:
+                    self._step(batch)
             except BaseException as e:  # every caller in the batch must see it
-                for row in batch.rows:
+                for row in batch.rows if batch is not None else []:
                     row.request.send(e)
-                batch.rows = []
-            if not batch.rows:
+                for request in requests:
+                    request.send(e)
                 batch = None
+            if batch is not None and not batch.rows:
+                batch = None
+        for row in batch.rows if batch is not None else []:
+            row.request.send(RuntimeError("The Baichuan2 engine was shut down"))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the worker thread (pending requests are not served)."""
+        """Stop the worker; callers still waiting get an error saying so."""
+        with self._lock:
+            self._closed = True
         if self._worker is not None and self._worker.is_alive():
             self._inbox.put(_SHUTDOWN)  # type: ignore[arg-type]
             self._worker.join(timeout)
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(request, _Request):
+                request.send(RuntimeError("The Baichuan2 engine was shut down"))
 
     def _kv_cache(self, kv: LayerKV | None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
@@ -530,12 +606,22 @@ class Baichuan2Engine:
             batch.mask.bool(),
             column([p.repetition_penalty for p in params]),
         )
+        failed: dict[int, Exception] = {}
         for i, row in enumerate(rows):
-            for processor in row.processors:
-                seen = batch.ids[i : i + 1, batch.mask[i].bool()]
-                logits[i : i + 1] = processor(seen, logits[i : i + 1])
-            if row.grammar is not None:
-                row.grammar.apply(logits[i : i + 1])
+            try:
+                for processor in row.processors:
+                    seen = batch.ids[i : i + 1, batch.mask[i].bool()]
+                    logits[i : i + 1] = processor(seen, logits[i : i + 1])
+                if row.grammar is not None:
+                    row.grammar.apply(logits[i : i + 1])
+                if not bool(torch.isfinite(logits[i]).any()):
+                    raise ValueError(
+                        "every token is excluded (by the grammar and the generation "
+                        "arguments together): nothing can be generated"
+                    )
+            except Exception as e:  # only this request fails; the batch goes on
+                failed[i] = e
+                logits[i] = 0.0  # a harmless row for the shared sampling below
         tokens = self._pick(
             logits,
             rows,
@@ -547,8 +633,12 @@ class Baichuan2Engine:
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             if row.request.cancelled.is_set():
                 continue
-            if row.grammar is not None:
-                row.grammar.accept(token)
+            if i in failed:
+                row.request.send(failed[i])
+                continue
+            if row.grammar is not None and not row.grammar.accept(token):
+                row.request.send(RuntimeError(f"the grammar rejected token {token}"))
+                continue
             chunk = row.push(token, self.eos_ids)
             if chunk is not None and (chunk.text or chunk.token_ids):
                 row.request.send(chunk)

@@ -178,7 +178,8 @@ class GrammarMask:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device))
 
-    def accept(self, token: int) -> None:
-        """Advance the grammar past ``token``."""
-        if not self.matcher.is_terminated():
-            self.matcher.accept_token(token)
+    def accept(self, token: int) -> bool:
+        """Advance the grammar past ``token``; False if the grammar does not allow it."""
+        if self.matcher.is_terminated():
+            return True  # only the stop token was allowed, and it ends the request
+        return bool(self.matcher.accept_token(token))

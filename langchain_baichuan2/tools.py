@@ -25,8 +25,9 @@ is joined as text.
 
 **Parsing**: every ``<tool_call>...</tool_call>`` block in the output becomes a
 ``ToolCall`` (ids generated as ``call_<hex>``); a block that is not valid JSON with a
-string ``name`` and an object ``arguments`` becomes an ``InvalidToolCall``; text
-outside the blocks is the message content.
+string ``name`` and an object ``arguments``, or one cut off by ``max_tokens`` or a stop
+string, becomes an ``InvalidToolCall`` whose ``args`` is the raw call text; text outside
+the blocks is the message content.
 
 **Structured output** asks, in the system text, for a single JSON object matching the
 schema, and the grammar allows nothing else.
@@ -222,10 +223,12 @@ def _add_call(parsed: ParsedOutput, body: str, error: str | None = None) -> None
             parsed.tool_calls.append(tool_call(name=name, args=args, id=call_id))
             return
     name_match = re.search(r'"name"\s*:\s*"([^"]*)"', body)
+    # ``args`` keeps the call's raw markup: starting with "<", partial-JSON repair (which
+    # LangChain applies when it merges streamed chunks) cannot turn it into a bogus call.
     parsed.invalid_tool_calls.append(
         invalid_tool_call(
             name=name_match.group(1) if name_match else None,
-            args=body,
+            args=TOOL_CALL_OPEN + body,
             id=call_id,
             error=error,
         )

@@ -198,24 +198,29 @@ def _alibi_mask(
     """Build the additive ALiBi mask ``[batch, heads, q_len, past_len + q_len]``.
 
     The bias is ``m_h * (j - i)`` for key ``j`` at or before query ``i``: relative, so it
-    is the same for padded and unpadded rows and exact at long positions. Masked
-    entries get the dtype's minimum (not ``-inf``) so fully padded rows stay finite.
+    is the same for padded and unpadded rows, and small where it matters (near the
+    diagonal) even in half precision. Masked entries get the dtype's finite minimum, so
+    fully padded rows stay finite. Built directly in ``dtype``; without padding it is
+    one ``[1, heads, q, kv]`` tensor expanded (not copied) over the batch.
     """
     kv_len = past_len + q_len
     q_pos = torch.arange(past_len, kv_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q, kv]
+    slopes = alibi_slopes(config.num_attention_heads).to(device)
+    distance = (k_pos[None, :] - q_pos[:, None]).float()  # [q, kv]
+    masked_value = torch.finfo(dtype).min
+    mask = (slopes[:, None, None] * distance).to(dtype)  # [H, q, kv]
+    mask = mask.masked_fill(distance > 0, masked_value)[None]  # causal; [1, H, q, kv]
     if attention_mask is not None:
         if attention_mask.dim() == 2:
-            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+            keep = attention_mask[:, None, None, -kv_len:].bool()
         elif attention_mask.dtype == torch.bool:
-            allowed = allowed & attention_mask
+            keep = attention_mask
         else:  # a prepared additive 4D mask: 0 where allowed
-            allowed = allowed & (attention_mask == 0)
-    slopes = alibi_slopes(config.num_attention_heads).to(device)
-    bias = slopes[:, None, None] * (k_pos[None, None, :] - q_pos[None, :, None]).float()
-    mask = torch.where(allowed, bias[None], torch.finfo(torch.float32).min)
-    return mask.to(dtype).expand(batch, -1, -1, -1)
+            keep = attention_mask == 0
+        if not bool(keep.all()):
+            mask = mask.masked_fill(~keep, masked_value)
+    return mask.expand(batch, -1, -1, -1)
 
 
 class BaichuanModel(BaichuanPreTrainedModel):

@@ -107,21 +107,39 @@ def test_streaming_yields_tool_call_chunks(llm):
     assert "<tool_call>" not in merged.content
 
 
-def test_unparsable_output_becomes_invalid_tool_calls(tiny_7b, monkeypatch):
+def test_a_call_cut_by_max_tokens_becomes_an_invalid_tool_call(tiny_7b, monkeypatch):
     llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=200)
     tokenizer = llm.loaded_model().tokenizer
-    text = 'ok <tool_call>{"name": "ping", "arguments": {"x": }}</tool_call>'
-    script = iter([*tokenizer.encode(text, add_special_tokens=False), 2])
+    text = 'ok <tool_call>{"name": "Order", "arguments": {"size": "M", '
+    script = tokenizer.encode(text, add_special_tokens=False)
+    steps = iter(script * 2)
 
     def scripted_pick(self, logits, rows, *args):
-        return torch.full((len(rows),), next(script), dtype=torch.long)
+        return torch.full((len(rows),), next(steps), dtype=torch.long)
 
     monkeypatch.setattr(Baichuan2Engine, "_pick", scripted_pick)
-    reply = llm.bind_tools([ping]).invoke("hi")
+    reply = llm.bind_tools([Order]).invoke("hi", max_tokens=len(script))
     assert reply.content == "ok "
     assert reply.tool_calls == []
-    assert reply.invalid_tool_calls[0]["name"] == "ping"
-    assert "JSONDecodeError" in reply.invalid_tool_calls[0]["error"]
+    assert reply.invalid_tool_calls[0]["name"] == "Order"
+    assert reply.invalid_tool_calls[0]["error"] == "unterminated tool call"
+    assert reply.response_metadata["finish_reason"] == "length"
+    merged = None
+    for chunk in llm.bind_tools([Order]).stream("hi", max_tokens=len(script)):
+        merged = chunk if merged is None else merged + chunk
+    assert merged.tool_calls == []  # merging chunks does not "repair" the cut call
+
+
+def test_a_token_the_grammar_rejects_fails_only_that_request(tiny_7b, monkeypatch):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=20)
+    bad = llm.loaded_model().tokenizer.encode("x", add_special_tokens=False)[0]
+    monkeypatch.setattr(
+        Baichuan2Engine, "_pick", lambda self, logits, rows, *a: torch.full((len(rows),), bad)
+    )
+    with pytest.raises(RuntimeError, match="grammar rejected token"):
+        llm.bind_tools([Order], tool_choice="any").invoke("hi")
+    monkeypatch.undo()
+    assert llm.invoke("hi").usage_metadata["output_tokens"] >= 1
 
 
 def test_auto_choice_gives_text_or_valid_calls(llm):

@@ -247,3 +247,18 @@ def test_normalize_head_makes_unit_rows_in_fp32():
 def test_config_rejects_an_unknown_position_scheme():
     with pytest.raises(Exception, match="position_embedding must be 'rope'"):
         BaichuanConfig(position_embedding="learned")
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_left_padding_stays_finite(attention, dtype):
+    model = tiny_model("alibi", 4).to(dtype)
+    model.config._attn_implementation = attention
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 4:]).logits
+    assert torch.isfinite(logits[1, 4:]).all() and torch.isfinite(logits[0]).all()
+    torch.testing.assert_close(logits[1, 4:].float(), alone[0].float(), rtol=0, atol=0.1)
