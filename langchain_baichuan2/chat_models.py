@@ -29,7 +29,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import BitsAndBytesConfig
 
 from langchain_baichuan2.engine import (
@@ -40,7 +40,7 @@ from langchain_baichuan2.engine import (
     engine_for,
 )
 from langchain_baichuan2.grammar import bound_lengths, compiler_for
-from langchain_baichuan2.loading import SOURCES, LoadedModel, registry
+from langchain_baichuan2.loading import LoadedModel, registry
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
 from langchain_baichuan2.tools import (
     ToolCallTextFilter,
@@ -74,13 +74,33 @@ def _response_metadata(final: GenerationChunk, model_name: str, prompt: ChatProm
         "finish_reason": final.finish_reason,
         "prompt_seconds": final.prompt_seconds,
         "generation_seconds": seconds,
-        "prompt_tokens_per_second": final.prompt_tokens / final.prompt_seconds
+        # Only the tokens actually prefilled: a reused prefix took no time.
+        "prompt_tokens_per_second": (final.prompt_tokens - final.cached_prompt_tokens)
+        / final.prompt_seconds
         if final.prompt_seconds
         else None,
         "tokens_per_second": final.completion_tokens / seconds if seconds else None,
         "dropped_rounds": prompt.dropped_rounds,
         "prompt_truncated": prompt.truncated,
     }
+
+
+# Per-call arguments `_prepare` understands (``invoke(..., temperature=0.5)``); the
+# internal ones come from bind_tools / with_structured_output and LangChain itself.
+_INTERNAL_ARGUMENTS = frozenset(
+    {"tools", "tool_choice", "response_format", "ls_structured_output_format"}
+)
+_CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "max_tokens",
+    "seed",
+    "model_max_length",
+    "model",
+    "model_kwargs",
+}
 
 
 @dataclass
@@ -334,14 +354,6 @@ class ChatBaichuan2(BaseChatModel):
     api_key: str | None = None
     """Accepted for compatibility with LangChain's standard arguments; unused locally."""
 
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, value: str) -> str:
-        if value not in SOURCES:
-            msg = f"source must be one of {', '.join(SOURCES)}; got {value!r}"
-            raise ValueError(msg)
-        return value
-
     @model_validator(mode="after")
     def _check_sampling(self) -> ChatBaichuan2:
         check_sampling_values(
@@ -424,6 +436,9 @@ class ChatBaichuan2(BaseChatModel):
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
         """Construction-time stops plus per-call stops, without duplicates."""
+        if isinstance(stop, str):
+            msg = f"stop must be a list of strings, got the string {stop!r}; use [{stop!r}]"
+            raise TypeError(msg)
         stops = [*(self.stop or []), *(stop or [])]
         return tuple(dict.fromkeys(stops))
 
@@ -442,21 +457,35 @@ class ChatBaichuan2(BaseChatModel):
                     return value
             return default
 
+        unknown = sorted(set(kwargs) - _CALL_ARGUMENTS)
+        if unknown:
+            msg = (
+                f"Unknown call argument(s) {', '.join(unknown)}; ChatBaichuan2 accepts "
+                f"{', '.join(sorted(_CALL_ARGUMENTS - _INTERNAL_ARGUMENTS))}"
+            )
+            raise ValueError(msg)
         do_sample = bool(getattr(defaults, "do_sample", False))
-        temperature = pick("temperature", defaults.temperature if do_sample else 0.0)
-        max_tokens = pick("max_tokens", defaults.max_new_tokens or 2048)
-        check_sampling_values(temperature=temperature, max_new_tokens=max_tokens)
+        sampling = {
+            "temperature": pick("temperature", defaults.temperature if do_sample else 0.0),
+            "top_p": pick("top_p", (defaults.top_p or 1.0) if do_sample else 1.0),
+            "top_k": pick("top_k", (defaults.top_k or 0) if do_sample else 0),
+            "repetition_penalty": pick("repetition_penalty", defaults.repetition_penalty or 1.0),
+            "max_new_tokens": pick("max_tokens", defaults.max_new_tokens or 2048),
+        }
+        check_sampling_values(**sampling)  # on the values as given, before any conversion
+        seed = pick("seed", None)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            msg = f"seed must be an integer, got {seed!r}"
+            raise ValueError(msg)
         messages, grammar, parse_tools = self._constrain(messages, loaded, kwargs)
         extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
         params = SamplingParams(
-            max_new_tokens=int(max_tokens),
-            temperature=float(temperature),
-            top_p=float(pick("top_p", defaults.top_p if do_sample else 1.0) or 1.0),
-            top_k=int(pick("top_k", defaults.top_k if do_sample else 0) or 0),
-            repetition_penalty=float(
-                pick("repetition_penalty", defaults.repetition_penalty or 1.0)
-            ),
-            seed=pick("seed", None),
+            max_new_tokens=int(sampling["max_new_tokens"]),
+            temperature=float(sampling["temperature"]),
+            top_p=float(sampling["top_p"]),
+            top_k=int(sampling["top_k"]),
+            repetition_penalty=float(sampling["repetition_penalty"]),
+            seed=seed,
             stop=self._stops(stop),
             extra=tuple(extra.items()),
             grammar=grammar,
@@ -495,7 +524,7 @@ class ChatBaichuan2(BaseChatModel):
         if (not tools or choice == "none") and not response_format:
             return messages, None, False
         language = conversation_language(messages)
-        compiler = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
+        compiler = compiler_for(loaded)
         bound = self.grammar_max_length
         if response_format:
             schema = response_format.get("schema")
@@ -580,14 +609,22 @@ class ChatBaichuan2(BaseChatModel):
 
     # -- batching -------------------------------------------------------------------
 
+    @staticmethod
     def _batch_config(
-        self, count: int, config: RunnableConfig | list[RunnableConfig] | None
-    ) -> RunnableConfig | list[RunnableConfig]:
-        """Let every input of a batch run at once, so they decode as one batch."""
+        count: int, config: RunnableConfig | list[RunnableConfig] | None
+    ) -> tuple[RunnableConfig | list[RunnableConfig], int]:
+        """Let every input of a batch run at once; return the config and how many start.
+
+        A ``max_concurrency`` the caller set is kept: then only that many start
+        together and the rest join the running batch as they come.
+        """
+        first = (config[0] if config else {}) if isinstance(config, list) else (config or {})
+        limit = first.get("max_concurrency") or count
         if isinstance(config, list):
-            return [{**c, "max_concurrency": c.get("max_concurrency") or count} for c in config]
-        config = config or {}
-        return {**config, "max_concurrency": config.get("max_concurrency") or count}
+            return [
+                {**c, "max_concurrency": c.get("max_concurrency") or count} for c in config
+            ], limit
+        return {**(config or {}), "max_concurrency": limit}, min(limit, count)
 
     def batch(
         self,
@@ -601,13 +638,9 @@ class ChatBaichuan2(BaseChatModel):
         if not inputs:
             return []
         engine = engine_for(self.loaded_model(kwargs.get("model")))
-        with engine.gather(len(inputs)):
-            return super().batch(
-                inputs,
-                self._batch_config(len(inputs), config),
-                return_exceptions=return_exceptions,
-                **kwargs,
-            )
+        config, starting = self._batch_config(len(inputs), config)
+        with engine.gather(min(starting, len(inputs))):
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     async def abatch(
         self,
@@ -621,12 +654,10 @@ class ChatBaichuan2(BaseChatModel):
         if not inputs:
             return []
         loaded = await asyncio.to_thread(self.loaded_model, kwargs.get("model"))
-        with engine_for(loaded).gather(len(inputs)):
+        config, starting = self._batch_config(len(inputs), config)
+        with engine_for(loaded).gather(min(starting, len(inputs))):
             return await super().abatch(
-                inputs,
-                self._batch_config(len(inputs), config),
-                return_exceptions=return_exceptions,
-                **kwargs,
+                inputs, config, return_exceptions=return_exceptions, **kwargs
             )
 
     # -- tools and structured output --------------------------------------------------

@@ -13,7 +13,6 @@ worker keeps serving.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextvars
 import math
 import queue
@@ -584,6 +583,8 @@ class Baichuan2Engine:
                 .logits[:, -1]
                 .float()
             )
+            if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
+                torch.cuda.synchronize(logits.device)
             row.prompt_seconds = time.perf_counter() - start
         self.prefix_cache.store(prompt, [(layer.keys, layer.values) for layer in cache.layers])
         row.cached_tokens = reused
@@ -701,21 +702,6 @@ def merge_chunks(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
     return last
 
 
-_engines: dict[int, Baichuan2Engine] = {}
-_engines_lock = threading.Lock()
-
-
-@atexit.register
-def _stop_engines() -> None:
-    """Let worker threads finish before the interpreter tears native libraries down."""
-    for engine in list(_engines.values()):
-        engine.shutdown()
-
-
 def engine_for(loaded: LoadedModel) -> Baichuan2Engine:
     """Return the one engine serving ``loaded`` (created on first use)."""
-    with _engines_lock:
-        engine = _engines.get(id(loaded))
-        if engine is None or engine.loaded is not loaded:
-            engine = _engines[id(loaded)] = Baichuan2Engine(loaded)
-        return engine
+    return loaded.shared("engine", lambda: Baichuan2Engine(loaded))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.tools import (
     TOOL_CALL_OPEN,
     TOOL_CALL_SUFFIX,
@@ -153,17 +154,14 @@ def tool_call_structural_tag(tools: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-_compilers: dict[int, tuple[Any, GrammarCompiler]] = {}
-_compilers_lock = threading.Lock()
-
-
-def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
-    """The one ``GrammarCompiler`` of ``tokenizer`` (built on first use)."""
-    with _compilers_lock:
-        entry = _compilers.get(id(tokenizer))
-        if entry is None or entry[0] is not tokenizer:
-            entry = _compilers[id(tokenizer)] = (tokenizer, GrammarCompiler(tokenizer, vocab_size))
-        return entry[1]
+def compiler_for(loaded: LoadedModel) -> GrammarCompiler:
+    """The one ``GrammarCompiler`` of a loaded model (built on first use)."""
+    eos = loaded.generation_config.eos_token_id
+    eos_id = eos[0] if isinstance(eos, list) else 2 if eos is None else eos
+    return loaded.shared(
+        "grammar",
+        lambda: GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, eos_id),
+    )
 
 
 class GrammarMask:

@@ -7,18 +7,19 @@ with ``torch.load(weights_only=True)``), and shares loaded models through a regi
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
 import threading
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import BitsAndBytesConfig, GenerationConfig
@@ -35,6 +36,9 @@ SOURCES: tuple[str, ...] = ("auto", "local", "modelscope", "huggingface")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Downloads never fetch the Python files that sit beside official checkpoints.
 _SKIP_PATTERNS = ["*.py", "*.pyc"]
+
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -54,6 +58,22 @@ class LoadedModel:
     generation_config: GenerationConfig
     path: Path
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, name: str, build: Callable[[], T]) -> T:
+        """The one ``name`` object serving this model (engine, grammar compiler), built once."""
+        with self.lock:
+            if name not in self._shared:
+                self._shared[name] = build()
+            return self._shared[name]
+
+    def close(self) -> None:
+        """Shut down what serves this model (its engine's worker thread)."""
+        with self.lock:
+            services, self._shared = list(self._shared.values()), {}
+        for service in services:
+            if hasattr(service, "shutdown"):
+                service.shutdown()
 
     @cached_property
     def memory_footprint(self) -> dict[str, int]:
@@ -469,10 +489,14 @@ class ModelRegistry:
         return self._models.get(self.key(name, revision, source, dtype, device_map, quantization))
 
     def clear(self) -> None:
-        """Forget every loaded model (they are freed once no object holds them)."""
+        """Forget every loaded model and stop its engine (freed once nothing holds it)."""
         with self._guard:
-            self._models.clear()
+            models, self._models = list(self._models.values()), {}
             self._locks.clear()
+        for loaded in models:
+            loaded.close()
 
 
 registry = ModelRegistry()
+# Stop worker threads before the interpreter tears native libraries down.
+atexit.register(registry.clear)

@@ -78,12 +78,17 @@ class PrefixCache:
     def store(self, ids: Sequence[int], kv: LayerKV) -> None:
         """Keep ``kv`` (``len(ids)`` positions per layer) for ``ids``.
 
-        Entries that are prefixes of ``ids`` are dropped: the new entry serves them.
+        Entries that are prefixes of ``ids`` are dropped (the new entry serves them);
+        if an entry already extends ``ids``, it is only marked as recently used.
         """
         key = tuple(ids)
         if not key or len(key) > self.budget_tokens:
             return
         with self._lock:
+            longer = next((k for k in self._entries if k[: len(key)] == key), None)
+            if longer is not None:  # an entry already holds this prefix: just touch it
+                self._entries.move_to_end(longer)
+                return
             for old in [k for k in self._entries if k == key[: len(k)]]:
                 del self._entries[old]
             self._entries[key] = [(k.clone(), v.clone()) for k, v in kv]

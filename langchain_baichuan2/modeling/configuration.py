@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+
+logger = logging.getLogger(__name__)
 
 PositionEmbedding = Literal["rope", "alibi"]
 
@@ -34,13 +37,13 @@ class BaichuanConfig(PreTrainedConfig):
     """
 
     model_type = "baichuan"
-    keys_to_ignore_at_inference = ["past_key_values"]
 
+    # Defaults are the 13B's: with no position key, a default config is ALiBi (13B).
     vocab_size: int = 125696
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
+    hidden_size: int = 5120
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 40
     hidden_act: str = "silu"
     max_position_embeddings: int | None = None
     model_max_length: int = 4096
@@ -57,6 +60,12 @@ class BaichuanConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.position_embedding is None:
             self.position_embedding = "rope" if self.max_position_embeddings else "alibi"
+            if self.position_embedding == "alibi" and self.hidden_size == 4096:
+                logger.warning(
+                    "This Baichuan2 config has the 7B's hidden_size (4096) but no "
+                    "max_position_embeddings, so it is read as ALiBi (13B). If it is a 7B "
+                    "checkpoint, set position_embedding='rope' (or add the key)."
+                )
         super().__post_init__(**kwargs)
 
     def validate_architecture(self) -> None:
@@ -81,8 +90,3 @@ class BaichuanConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         """Size of one attention head."""
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def context_length(self) -> int:
-        """Longest sequence the model handles (positions for RoPE, ``model_max_length``)."""
-        return self.max_position_embeddings or self.model_max_length

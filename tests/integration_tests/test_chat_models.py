@@ -301,10 +301,16 @@ def test_bad_parameters_are_rejected_at_construction(kwargs, message):
         ({"top_p": 2.0}, "top_p must be in"),
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
         ({"max_tokens": 4096}, "leaves no room for the prompt"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": 2.7}, "top_k must be an integer"),
+        ({"repetition_penalty": "x"}, "repetition_penalty must be a number"),
+        ({"seed": "abc"}, "seed must be an integer"),
+        ({"max_new_tokens": 5}, "Unknown call argument"),
+        ({"stop": "ab"}, "stop must be a list of strings"),
     ],
 )
 def test_bad_per_call_parameters_are_rejected_and_the_model_stays_usable(llm, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         llm.invoke("hi", **kwargs)
     assert llm.invoke("hi").usage_metadata["input_tokens"] > 0
 

@@ -123,3 +123,37 @@ def test_a_new_request_joins_the_running_batch_and_a_cancelled_one_leaves_it(tin
     # The short request finished while the long one was still decoding.
     assert events.index("short done") < events.index("long cancelled")
     assert short.invoke("short one").content == expected_short
+
+
+def test_a_batch_with_limited_concurrency_does_not_wait_for_inputs_it_holds_back(tiny_7b):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=4)
+    prompts = [f"limited {i}" for i in range(6)]
+    expected = [llm.invoke(p).content for p in prompts]
+    start = time.perf_counter()
+    got = [m.content for m in llm.batch(prompts, config={"max_concurrency": 2})]
+    assert got == expected
+    # Waiting for held-back inputs would cost GATHER_TIMEOUT (1 s) per wake-up.
+    assert time.perf_counter() - start < 2.0
+
+
+def test_clearing_the_registry_stops_the_engine_and_frees_the_model(tmp_path):
+    import gc
+    import weakref
+
+    from langchain_baichuan2.loading import registry
+    from langchain_baichuan2.testing import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "ckpt", "7b")
+    llm = chat(folder)
+    llm.invoke("hi")
+    loaded = llm.loaded_model()
+    engine = engine_for(loaded)
+    worker = engine._worker
+    model = weakref.ref(loaded.model)
+    del loaded, engine
+    registry.clear()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    gc.collect()
+    assert model() is None
+    assert llm.invoke("hi").usage_metadata["output_tokens"] >= 1  # loads again on demand

@@ -211,7 +211,7 @@ def test_json_mode_without_schema_allows_objects_only(llm):
     import xgrammar as xgr
 
     loaded = llm.loaded_model()
-    grammar = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size).json_object(None)
+    grammar = compiler_for(loaded).json_object(None)
     assert xgr.GrammarMatcher(grammar).accept_string('{"a": [1, "x"]}')
     for not_an_object in ("[1]", '"text"', "3"):
         assert not xgr.GrammarMatcher(grammar).accept_string(not_an_object)
@@ -226,8 +226,8 @@ def test_bad_structured_output_arguments_are_rejected(llm):
 
 def test_grammars_are_compiled_once_per_schema_set(llm):
     loaded = llm.loaded_model()
-    compiler = compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
-    assert compiler is compiler_for(loaded.tokenizer, loaded.model.config.vocab_size)
+    compiler = compiler_for(loaded)
+    assert compiler is compiler_for(loaded)
     tools = format_tools([Order, ping])
     assert compiler.tool_calls(tools, "required") is compiler.tool_calls(tools, "required")
     assert compiler.tool_calls(tools, "required") is not compiler.tool_calls(tools, "auto")

@@ -262,3 +262,18 @@ def test_half_precision_left_padding_stays_finite(attention, dtype):
         alone = model(ids[1:, 4:]).logits
     assert torch.isfinite(logits[1, 4:]).all() and torch.isfinite(logits[0]).all()
     torch.testing.assert_close(logits[1, 4:].float(), alone[0].float(), rtol=0, atol=0.1)
+
+
+def test_a_7b_sized_config_without_a_rope_key_warns(caplog):
+    with caplog.at_level("WARNING"):
+        config = BaichuanConfig(hidden_size=4096, num_attention_heads=32)
+    assert config.position_embedding == "alibi"
+    assert "position_embedding='rope'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert BaichuanConfig().position_embedding == "alibi"  # the 13B defaults
+        seven = BaichuanConfig(
+            hidden_size=4096, num_attention_heads=32, max_position_embeddings=4096
+        )
+        assert seven.position_embedding == "rope"
+    assert not caplog.text

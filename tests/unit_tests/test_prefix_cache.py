@@ -54,6 +54,15 @@ def test_a_longer_sequence_replaces_its_stored_prefixes():
     assert cache.entries() == [(1, 2, 3, 4)]
 
 
+def test_a_prefix_of_a_stored_sequence_only_refreshes_it():
+    cache = PrefixCache(100)
+    cache.store([1, 2, 3, 4], kv_for([1, 2, 3, 4]))
+    cache.store([7, 7], kv_for([7, 7]))
+    cache.store([1, 2], kv_for([1, 2]))
+    assert cache.entries() == [(7, 7), (1, 2, 3, 4)]
+    assert cache.stored_tokens == 6
+
+
 def test_stored_tensors_are_copies():
     cache = PrefixCache(100)
     kv = kv_for([1, 2, 3])
