@@ -410,11 +410,58 @@ def _load(
         # fails (huggingface/transformers#45743); the state dict already has the saved layout.
         model._weight_conversions = []  # type: ignore[assignment]
     model.eval()
+    if legacy_state is None:
+        _normalize_head_from_file(model, folder)
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
+    if len(tokenizer) != model.config.vocab_size:
+        msg = (
+            f"{folder / 'tokenizer.model'} has {len(tokenizer)} pieces but config.json says "
+            f"vocab_size {model.config.vocab_size}: the tokenizer does not belong to these weights"
+        )
+        raise CheckpointError(msg)
     loaded = LoadedModel(model, tokenizer, model.generation_config, folder)
     footprint = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in loaded.memory_footprint.items())
     logger.info("Loaded Baichuan2 from %s on %s (%s)", folder, device_map, footprint)
     return loaded
+
+
+def _normalize_head_from_file(model: BaichuanForCausalLM, folder: Path) -> None:
+    """Set ``lm_head`` to the stored rows normalized in fp32, then cast (SPEC: NormHead).
+
+    ``from_pretrained`` already normalized the rows after casting to the load dtype;
+    when that dtype is narrower than the stored one, normalizing first is what the
+    official model computes, so the stored tensor is read again (one tensor, mmap).
+    """
+    head = model.lm_head.weight
+    if head.device.type == "meta":
+        return
+    files = _weight_files(folder)
+    index = folder / (
+        "model.safetensors.index.json"
+        if files[0].suffix == ".safetensors"
+        else "pytorch_model.bin.index.json"
+    )
+    if index.is_file():
+        files = [folder / json.loads(index.read_text())["weight_map"]["lm_head.weight"]]
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if "lm_head.weight" not in f.keys():  # noqa: SIM118
+                    continue
+                stored = f.get_tensor("lm_head.weight")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if "lm_head.weight" not in state:
+                continue
+            stored = state["lm_head.weight"]
+        if stored.dtype == head.dtype:
+            return  # normalizing after the cast already was normalizing in fp32
+        normalized = torch.nn.functional.normalize(stored.float(), dim=-1, eps=1e-12)
+        with torch.no_grad():
+            head.copy_(normalized.to(device=head.device, dtype=head.dtype))
+        return
 
 
 class ModelRegistry:

@@ -284,3 +284,26 @@ def test_progress_bars_are_switchable(tiny_13b, capsys, show):
 def test_progress_bars_are_off_when_nobody_watches(tiny_13b, capsys):
     load_model_and_tokenizer(tiny_13b)  # pytest's captured stderr is not a terminal
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_head_is_normalized_in_fp32_before_the_cast_to_half_precision(tmp_path):
+    from safetensors.torch import load_file
+
+    folder = make_tiny_checkpoint(tmp_path / "ckpt", "13b", dtype=torch.float32)
+    stored = load_file(folder / "model.safetensors")["lm_head.weight"]
+    model = load_model_and_tokenizer(folder, dtype="bfloat16").model
+    expected = torch.nn.functional.normalize(stored, dim=-1).to(torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, expected)
+
+
+def test_a_tokenizer_that_does_not_fit_the_weights_is_rejected(tiny_13b, tmp_path):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] += 64
+    (folder / "config.json").write_text(json.dumps(config))
+    for shard in folder.glob("*.safetensors"):
+        shard.unlink()  # rewrite weights with the larger vocabulary
+    model = BaichuanForCausalLM(BaichuanConfig.from_pretrained(folder))
+    model.save_pretrained(folder)
+    with pytest.raises(CheckpointError, match="tokenizer does not belong"):
+        load_model_and_tokenizer(folder)
