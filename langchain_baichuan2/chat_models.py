@@ -239,7 +239,9 @@ class ChatBaichuan2(BaseChatModel):
         ```
 
     Tool calling:
-        Calls are grammar-constrained: they always parse and match the tool's schema.
+        Calls are grammar-constrained: unless cut off by ``max_tokens`` or a stop
+        string (then they are in ``invalid_tool_calls``), they parse and match the
+        tool's schema.
 
         ```python
         from pydantic import BaseModel, Field

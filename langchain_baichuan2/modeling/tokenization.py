@@ -119,7 +119,7 @@ class BaichuanTokenizer(SentencePieceBackend):
         Byte-fallback pieces ``<0xNN>`` give their single byte, other pieces their text
         with ``▁`` as a space, added tokens their content, and special tokens nothing
         when ``skip_special_tokens``. Joining these bytes and decoding them with
-        ``decoding.sentencepiece_utf8_errors`` equals ``decode(ids)``. Built once per
+        ``decoding.SENTENCEPIECE_UTF8_ERRORS`` equals ``decode(ids)``. Built once per
         tokenizer and setting.
 
         Args:
