@@ -40,7 +40,7 @@ from langchain_baichuan2.engine import (
     engine_for,
 )
 from langchain_baichuan2.grammar import bound_lengths, compiler_for
-from langchain_baichuan2.loading import LoadedModel, registry
+from langchain_baichuan2.loading import LoadedModel, load_settings, registry
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
 from langchain_baichuan2.tools import (
     ToolCallTextFilter,
@@ -393,14 +393,7 @@ class ChatBaichuan2(BaseChatModel):
             "model_kwargs": self.model_kwargs,
         }
         # Only once loaded: asking for the identity must not load the weights.
-        loaded = registry.peek(
-            self.model,
-            revision=self.revision,
-            source=self.source,  # type: ignore[arg-type]
-            dtype=self.dtype,  # type: ignore[arg-type]
-            device_map=self.device_map,
-            quantization=self.quantization,
-        )
+        loaded = registry.peek(self.model, **load_settings(self))
         if loaded is not None:
             params["memory_footprint"] = loaded.memory_footprint
         return params
@@ -427,13 +420,7 @@ class ChatBaichuan2(BaseChatModel):
     def loaded_model(self, model: str | None = None) -> LoadedModel:
         """Return the shared loaded model (loading it on first use)."""
         return registry.get(
-            model or self.model,
-            revision=self.revision,
-            source=self.source,  # type: ignore[arg-type]
-            dtype=self.dtype,  # type: ignore[arg-type]
-            device_map=self.device_map,
-            quantization=self.quantization,
-            show_progress=self.show_progress,
+            model or self.model, show_progress=self.show_progress, **load_settings(self)
         )
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:

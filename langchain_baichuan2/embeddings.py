@@ -14,7 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 from transformers import BitsAndBytesConfig
 
-from langchain_baichuan2.loading import LoadedModel, progress_enabled, registry
+from langchain_baichuan2.loading import (
+    LOAD_SETTINGS,
+    LoadedModel,
+    load_settings,
+    progress_enabled,
+    registry,
+)
 
 if TYPE_CHECKING:
     from langchain_baichuan2.chat_models import ChatBaichuan2
@@ -24,15 +30,7 @@ logger = logging.getLogger(__name__)
 Pooling = Literal["mean", "last", "weighted_mean"]
 
 # The fields that say which weights to load; equal values share one loaded model.
-_MODEL_FIELDS = (
-    "model",
-    "revision",
-    "source",
-    "dtype",
-    "device_map",
-    "quantization",
-    "show_progress",
-)
+_MODEL_FIELDS = ("model", *LOAD_SETTINGS, "show_progress")
 
 
 def _check_texts(texts: Sequence[Any]) -> list[str]:
@@ -215,15 +213,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
 
     def loaded_model(self) -> LoadedModel:
         """Return the shared loaded model (loading it on first use)."""
-        return registry.get(
-            self.model,
-            revision=self.revision,
-            source=self.source,
-            dtype=self.dtype,
-            device_map=self.device_map,
-            quantization=self.quantization,
-            show_progress=self.show_progress,
-        )
+        return registry.get(self.model, show_progress=self.show_progress, **load_settings(self))
 
     @property
     def dimension(self) -> int:

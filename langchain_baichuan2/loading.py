@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 import torch
 from transformers import BitsAndBytesConfig, GenerationConfig
@@ -464,6 +464,25 @@ def _normalize_head_from_file(model: BaichuanForCausalLM, folder: Path) -> None:
         return
 
 
+# The settings that decide which loaded model an object gets (besides the model name).
+LOAD_SETTINGS = ("revision", "source", "dtype", "device_map", "quantization")
+
+
+class LoadSettings(TypedDict, total=False):
+    """How a model is loaded: everything but its name (see ``load_model_and_tokenizer``)."""
+
+    revision: str | None
+    source: Source
+    dtype: DType | torch.dtype
+    device_map: str | dict | None
+    quantization: Quantization
+
+
+def load_settings(obj: object) -> dict[str, Any]:
+    """The ``LOAD_SETTINGS`` fields of a chat model or embeddings object."""
+    return {name: getattr(obj, name) for name in LOAD_SETTINGS}
+
+
 class ModelRegistry:
     """Shares one loaded model between every object that asks for the same settings."""
 
@@ -473,67 +492,53 @@ class ModelRegistry:
         self._guard = threading.Lock()
 
     @staticmethod
-    def key(
-        name: str | Path,
-        revision: str | None,
-        source: Source,
-        dtype: DType | torch.dtype,
-        device_map: str | dict | None,
-        quantization: Quantization,
-    ) -> tuple:
+    def key(name: str | Path, settings: LoadSettings) -> tuple:
         """The identity of a load request (equal keys share one model)."""
         path = Path(name).expanduser()
         where = str(path.resolve()) if path.is_dir() else str(name)
+        quantization = settings.get("quantization")
         quant = (
             quantization.to_json_string()
             if isinstance(quantization, BitsAndBytesConfig)
             else quantization
         )
+        device_map = settings.get("device_map")
         device = (
             json.dumps(device_map, sort_keys=True) if isinstance(device_map, dict) else device_map
         )
-        return (where, revision, source, str(dtype), device, quant)
+        return (
+            where,
+            settings.get("revision"),
+            settings.get("source", "auto"),
+            str(settings.get("dtype", "auto")),
+            device,
+            quant,
+        )
 
     def get(
-        self,
-        name: str | Path,
-        *,
-        revision: str | None = None,
-        source: Source = "auto",
-        dtype: DType | torch.dtype = "auto",
-        device_map: str | dict | None = None,
-        quantization: Quantization = None,
-        show_progress: bool | None = None,
+        self, name: str | Path, *, show_progress: bool | None = None, **settings: Any
     ) -> LoadedModel:
-        """Return the shared model for these settings, loading it on first request."""
-        key = self.key(name, revision, source, dtype, device_map, quantization)
+        """Return the shared model for these settings, loading it on first request.
+
+        Args:
+            name: A local folder or a model id.
+            show_progress: Progress bars if it has to load (see ``load_model_and_tokenizer``).
+            **settings: ``revision``, ``source``, ``dtype``, ``device_map``,
+                ``quantization``, as for ``load_model_and_tokenizer``.
+        """
+        key = self.key(name, settings)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one load per key, even when many threads ask at once
             if key not in self._models:
                 self._models[key] = load_model_and_tokenizer(
-                    name,
-                    revision=revision,
-                    source=source,
-                    dtype=dtype,
-                    device_map=device_map,
-                    quantization=quantization,
-                    show_progress=show_progress,
+                    name, show_progress=show_progress, **settings
                 )
             return self._models[key]
 
-    def peek(
-        self,
-        name: str | Path,
-        *,
-        revision: str | None = None,
-        source: Source = "auto",
-        dtype: DType | torch.dtype = "auto",
-        device_map: str | dict | None = None,
-        quantization: Quantization = None,
-    ) -> LoadedModel | None:
+    def peek(self, name: str | Path, **settings: Any) -> LoadedModel | None:
         """Return the shared model for these settings if it is loaded; never loads it."""
-        return self._models.get(self.key(name, revision, source, dtype, device_map, quantization))
+        return self._models.get(self.key(name, settings))
 
     def clear(self) -> None:
         """Forget every loaded model and stop its engine (freed once nothing holds it)."""
