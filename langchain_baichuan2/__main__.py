@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from typing import cast
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
@@ -49,7 +50,7 @@ def run_chat(
         history.append(HumanMessage(question))
         write("Baichuan 2 > ")
         answer: list[str] = []
-        stream = llm.stream(history)
+        stream = cast(Generator, llm.stream(history))
         try:
             for chunk in stream:
                 answer.append(chunk.text)

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -564,12 +564,12 @@ class ChatBaichuan2(BaseChatModel):
         merged = chunks[0]
         for chunk in chunks[1:]:
             merged += chunk
-        message = merged.message
+        message = cast(AIMessageChunk, merged.message)
         result = AIMessage(
             content=message.content,
             tool_calls=message.tool_calls,
             # Merging chunks drops the parse errors; the final chunk holds them.
-            invalid_tool_calls=chunks[-1].message.invalid_tool_calls,
+            invalid_tool_calls=cast(AIMessageChunk, chunks[-1].message).invalid_tool_calls,
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
             id=message.id,
@@ -622,7 +622,7 @@ class ChatBaichuan2(BaseChatModel):
         *,
         return_exceptions: bool = False,
         **kwargs: Any,
-    ) -> list[BaseMessage]:
+    ) -> list[AIMessage]:
         """Run the inputs as one left-padded batch on the model (not one by one)."""
         if not inputs:
             return []
@@ -638,7 +638,7 @@ class ChatBaichuan2(BaseChatModel):
         *,
         return_exceptions: bool = False,
         **kwargs: Any,
-    ) -> list[BaseMessage]:
+    ) -> list[AIMessage]:
         """Async :meth:`batch`: the inputs decode together as one batch."""
         if not inputs:
             return []
@@ -711,6 +711,7 @@ class ChatBaichuan2(BaseChatModel):
         trace = {"kwargs": {"method": method, "strict": strict}, "schema": json_schema}
         parser: Runnable
         if method == "function_calling":
+            schema = cast(dict | type, schema)
             tool_name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools(
                 [schema], tool_choice=tool_name, ls_structured_output_format=trace

@@ -21,10 +21,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -247,6 +248,16 @@ class _Row:
         )
 
 
+def _dynamic_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers (all dynamic full-attention layers for Baichuan2)."""
+    return cast(list[DynamicLayer], cache.layers)
+
+
+def layer_kv(cache: DynamicCache) -> LayerKV:
+    """Per-layer (keys, values) held by ``cache``."""
+    return [(layer.keys, layer.values) for layer in _dynamic_layers(cache)]  # type: ignore[misc]
+
+
 class _Batch:
     """The running batch: rows, their shared KV cache and the next-token logits.
 
@@ -267,16 +278,16 @@ class _Batch:
     @property
     def kv(self) -> LayerKV:
         """Per-layer (keys, values) of the whole batch."""
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+        return layer_kv(self.cache)
 
     @kv.setter
     def kv(self, kv: LayerKV) -> None:
-        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+        for layer, (k, v) in zip(_dynamic_layers(self.cache), kv, strict=True):
             layer.keys, layer.values = k, v
 
     def add(self, row: _Row, ids: torch.Tensor, cache: DynamicCache, logits: torch.Tensor) -> None:
         """Join a prefilled row, left-padding whichever side is shorter."""
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = layer_kv(cache)
         length = max(self.ids.shape[1], ids.shape[1])
 
         def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -436,7 +447,7 @@ class Baichuan2Engine:
         """Block for the request's next chunk, raising what the worker sent instead."""
         while True:
             try:
-                item = request.outbox.get(timeout=self.POLL_SECONDS)
+                item = cast(queue.SimpleQueue, request.outbox).get(timeout=self.POLL_SECONDS)
             except queue.Empty:
                 if self._worker is not None and self._worker.is_alive():
                     continue
@@ -586,7 +597,7 @@ class Baichuan2Engine:
             if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
                 torch.cuda.synchronize(logits.device)
             row.prompt_seconds = time.perf_counter() - start
-        self.prefix_cache.store(prompt, [(layer.keys, layer.values) for layer in cache.layers])
+        self.prefix_cache.store(prompt, layer_kv(cache))
         row.cached_tokens = reused
         row.started = time.perf_counter()
         return row, ids, cache, logits

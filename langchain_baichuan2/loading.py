@@ -14,12 +14,12 @@ import sys
 import threading
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypedDict, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import BitsAndBytesConfig, GenerationConfig
@@ -468,16 +468,6 @@ def _normalize_head_from_file(model: BaichuanForCausalLM, folder: Path) -> None:
 LOAD_SETTINGS = ("revision", "source", "dtype", "device_map", "quantization")
 
 
-class LoadSettings(TypedDict, total=False):
-    """How a model is loaded: everything but its name (see ``load_model_and_tokenizer``)."""
-
-    revision: str | None
-    source: Source
-    dtype: DType | torch.dtype
-    device_map: str | dict | None
-    quantization: Quantization
-
-
 def load_settings(obj: object) -> dict[str, Any]:
     """The ``LOAD_SETTINGS`` fields of a chat model or embeddings object."""
     return {name: getattr(obj, name) for name in LOAD_SETTINGS}
@@ -492,7 +482,7 @@ class ModelRegistry:
         self._guard = threading.Lock()
 
     @staticmethod
-    def key(name: str | Path, settings: LoadSettings) -> tuple:
+    def key(name: str | Path, settings: Mapping[str, Any]) -> tuple:
         """The identity of a load request (equal keys share one model)."""
         path = Path(name).expanduser()
         where = str(path.resolve()) if path.is_dir() else str(name)

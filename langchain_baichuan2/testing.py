@@ -75,8 +75,8 @@ _GENERATION_CONFIG = {
 }
 
 # The HTML tags of ids 7..51, each as <t>, <t/>, </t>.
-_TAGS = ("img", "h2", "td", "strong", "table", "tr", "li", "b", "h3", "br", "h4", "h5", "p")
-_TAGS += ("h1", "tbody")
+_TAGS: tuple[str, ...] = ("img", "h2", "td", "strong", "table", "tr", "li", "b", "h3", "br")
+_TAGS += ("h4", "h5", "p", "h1", "tbody")
 # Ids 62..100: punctuation; the last 12 took the places of <reserved_0>..<reserved_11>.
 _PUNCTUATION = (
     "+", "-", "=", "，", "。", "！", "？", "、", "：", "￥", ".", "!", "?", "...", "。。。",

@@ -263,14 +263,14 @@ class BaichuanModel(BaichuanPreTrainedModel):
         batch, q_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
 
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                # Left padding: a row's first real token is position 0.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                position_ids = torch.arange(
-                    past_len, past_len + q_len, device=inputs_embeds.device
-                ).unsqueeze(0)
+        positions: torch.Tensor
+        if position_ids is not None:
+            positions = position_ids
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding: a row's first real token is position 0.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        else:
+            positions = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
 
         if self.rotary_emb is not None:
             mask = create_causal_mask(
@@ -278,9 +278,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 cache=cache,
-                position_ids=position_ids,
+                position_ids=positions,
             )
-            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+            position_embeddings = self.rotary_emb(inputs_embeds, positions)
         else:
             mask = _alibi_mask(
                 self.config,

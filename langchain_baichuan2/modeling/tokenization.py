@@ -211,7 +211,14 @@ class BaichuanTokenizer(SentencePieceBackend):
             return [0] * first
         return [0] * first + [1] * len(self.build_inputs_with_special_tokens(token_ids_1))
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        legacy_format: bool | None = None,
+        filename_prefix: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> tuple[str, ...]:
         """Saves like transformers, keeping ``add_bos_token`` and ``add_eos_token``.
 
         transformers 5 leaves both out of ``tokenizer_config.json`` because its fast
@@ -221,14 +228,22 @@ class BaichuanTokenizer(SentencePieceBackend):
 
         Args:
             save_directory: Folder to write to.
+            legacy_format: As for ``PreTrainedTokenizerBase.save_pretrained``.
+            filename_prefix: Prefix of the written file names.
+            push_to_hub: As for ``PreTrainedTokenizerBase.save_pretrained``.
             **kwargs: Passed to ``PreTrainedTokenizerBase.save_pretrained``.
 
         Returns:
             The paths of the files written.
         """
-        files = super().save_pretrained(save_directory, **kwargs)
-        prefix = kwargs.get("filename_prefix")
-        name = (f"{prefix}-" if prefix else "") + "tokenizer_config.json"
+        files = super().save_pretrained(
+            save_directory,
+            legacy_format=legacy_format,
+            filename_prefix=filename_prefix,
+            push_to_hub=push_to_hub,
+            **kwargs,
+        )
+        name = (f"{filename_prefix}-" if filename_prefix else "") + "tokenizer_config.json"
         config_file = os.path.join(save_directory, name)
         with open(config_file, encoding="utf-8") as f:
             config = json.load(f)
