@@ -13,10 +13,8 @@ import argparse
 import time
 
 import torch
-from common import bench_checkpoint, model_arguments
+from common import bench_checkpoint, fixed_length_llm, model_arguments
 from langchain_core.messages import HumanMessage
-
-from langchain_baichuan2 import ChatBaichuan2
 
 QUESTION = "Explain the difference between a list and a tuple in Python. " * 4
 
@@ -39,14 +37,7 @@ def main() -> None:
 
     folder = bench_checkpoint(args, "chat")
     n = args.new_tokens
-    # min_new_tokens makes every path decode exactly n tokens (random weights).
-    llm = ChatBaichuan2(
-        model=str(folder),
-        temperature=0,
-        max_tokens=n,
-        model_kwargs={"min_new_tokens": n},
-        prefix_cache_tokens=0,  # measure the plain path: no reused prefills
-    )
+    llm = fixed_length_llm(folder, n)
     loaded = llm.loaded_model()
     model = loaded.model
     prompt_ids = [195, *loaded.tokenizer.encode(QUESTION, add_special_tokens=False), 196]

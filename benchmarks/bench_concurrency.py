@@ -9,9 +9,7 @@ import argparse
 import threading
 import time
 
-from common import bench_checkpoint, model_arguments
-
-from langchain_baichuan2 import ChatBaichuan2
+from common import bench_checkpoint, fixed_length_llm, model_arguments
 
 
 def main() -> None:
@@ -22,13 +20,7 @@ def main() -> None:
 
     folder = bench_checkpoint(args, "concurrency")
     n = args.new_tokens
-    llm = ChatBaichuan2(
-        model=str(folder),
-        temperature=0,
-        max_tokens=n,
-        model_kwargs={"min_new_tokens": n},
-        prefix_cache_tokens=0,  # measure batching alone
-    )
+    llm = fixed_length_llm(folder, n)
     prompts = [f"Stream {i}: " + "tell me about the sea " * (i + 2) for i in range(args.streams)]
     llm.invoke("warm up")
 

@@ -6,6 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
@@ -33,4 +34,19 @@ def bench_checkpoint(args: argparse.Namespace, name: str, *, real_vocab: bool = 
         num_attention_heads=args.hidden // 64,
         intermediate_size=args.hidden * 8 // 3 // 64 * 64,
         tokenizer_model=REAL_TOKENIZER if use_real else None,
+    )
+
+
+def fixed_length_llm(folder: Path, new_tokens: int) -> ChatBaichuan2:
+    """A greedy chat model that always decodes exactly ``new_tokens`` tokens.
+
+    ``min_new_tokens`` keeps random weights from stopping early, and prefix reuse is off
+    so every call does the same work.
+    """
+    return ChatBaichuan2(
+        model=str(folder),
+        temperature=0,
+        max_tokens=new_tokens,
+        model_kwargs={"min_new_tokens": new_tokens},
+        prefix_cache_tokens=0,
     )

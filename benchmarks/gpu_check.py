@@ -14,6 +14,7 @@ a static cache + ``torch.compile`` generate() path is tried and timed too.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import datetime
 import gc
 import tempfile
@@ -136,8 +137,15 @@ def engine_decode(
     params = SamplingParams(
         max_new_tokens=n, extra=(("min_new_tokens", n), ("suppress_tokens", suppress))
     )
-    threads = [threading.Thread(target=lambda p=p: list(engine.stream(p, params))) for p in prompts]
     with engine.gather(len(prompts)):  # start together, as one batch
+        # Each thread runs in a copy of this context, so its request counts for the gather.
+        threads = [
+            threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(lambda p=p: list(engine.stream(p, params)),),
+            )
+            for p in prompts
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -172,7 +180,7 @@ def measure(name: str, model, tokenizer, args, device, bandwidth: float) -> dict
     gen_ids = torch.tensor([short], device=device)
     with torch.inference_mode():
 
-        def generate() -> None:
+        def generate(**extra: object) -> None:
             model.generate(
                 gen_ids,
                 max_new_tokens=n,
@@ -180,27 +188,18 @@ def measure(name: str, model, tokenizer, args, device, bandwidth: float) -> dict
                 do_sample=False,
                 suppress_tokens=suppress,
                 pad_token_id=0,
+                **extra,
             )
 
         generate()
         row["generate() b1 tok/s"] = n / timed(generate, device)
         if args.compile:
             try:
-
-                def compiled() -> None:
-                    model.generate(
-                        gen_ids,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        do_sample=False,
-                        suppress_tokens=suppress,
-                        pad_token_id=0,
-                        cache_implementation="static",
-                    )
-
                 model.forward = torch.compile(model.forward, mode="reduce-overhead")
-                compiled()
-                row["static+compile tok/s"] = n / timed(compiled, device)
+                generate(cache_implementation="static")
+                row["static+compile tok/s"] = n / timed(
+                    lambda: generate(cache_implementation="static"), device
+                )
             except Exception as e:  # report, do not abort the check
                 row["static+compile tok/s"] = f"failed: {type(e).__name__}"
             finally:

@@ -391,7 +391,8 @@ class Baichuan2Engine:
 
         The worker waits (up to ``GATHER_TIMEOUT``) until they are all queued, so they
         start together as one batch instead of one by one. Only requests submitted from
-        inside this context (the threads and tasks it starts inherit it) count.
+        inside this context count: asyncio tasks and LangChain's executor threads inherit
+        it; a plain ``threading.Thread`` must run in ``contextvars.copy_context()``.
         """
         group = _Gather(count)
         token = _current_gather.set(group)
