@@ -162,11 +162,15 @@ class BaichuanTokenizer(SentencePieceBackend):
         Returns:
             ``[bos] ids_0 [eos]`` followed, for a pair, by ``[bos] ids_1 [eos]``.
         """
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
-        output = bos + token_ids_0 + eos
-        if token_ids_1 is not None:
-            output += bos + token_ids_1 + eos
+        return self._wrap(token_ids_0, token_ids_1, self.bos_token_id, self.eos_token_id)
+
+    def _wrap(self, first: list[int], second: list[int] | None, bos: int, eos: int) -> list[int]:
+        """Surround each sequence with ``bos``/``eos`` where the tokenizer adds them."""
+        head = [bos] if self.add_bos_token else []
+        tail = [eos] if self.add_eos_token else []
+        output = head + first + tail
+        if second is not None:
+            output += head + second + tail
         return output
 
     def get_special_tokens_mask(
@@ -187,12 +191,8 @@ class BaichuanTokenizer(SentencePieceBackend):
         """
         if already_has_special_tokens:
             return super().get_special_tokens_mask(token_ids_0, token_ids_1, True)
-        bos = [1] if self.add_bos_token else []
-        eos = [1] if self.add_eos_token else []
-        mask = bos + [0] * len(token_ids_0) + eos
-        if token_ids_1 is not None:
-            mask += bos + [0] * len(token_ids_1) + eos
-        return mask
+        second = None if token_ids_1 is None else [0] * len(token_ids_1)
+        return self._wrap([0] * len(token_ids_0), second, 1, 1)
 
     def create_token_type_ids_from_sequences(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
