@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +25,32 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from langchain_baichuan2.modeling.configuration import ROPE_THETA, BaichuanConfig
+
+# transformers renamed the cache argument and output field from ``past_key_values`` to
+# ``cache`` (5.2x); we support both, so the name in use is read off the installed version.
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
+
+
+def accepts_cache_names(forward: Callable) -> Callable:
+    """Let ``forward(cache=...)`` also take the cache under its other name.
+
+    Where transformers calls it ``cache``, the old name is deprecated as transformers
+    does; where it still calls it ``past_key_values`` (``generate()`` passes that), the
+    old name is simply mapped.
+    """
+    if CACHE_ARG == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
 
 # Baichuan2's RMSNorm is Llama's: fp32 statistics, cast back, times weight.
 BaichuanRMSNorm = LlamaRMSNorm
@@ -100,7 +128,7 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_cache_names
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -146,7 +174,7 @@ class BaichuanDecoderLayer(nn.Module):
         self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_cache_names
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -240,7 +268,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         )
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_cache_names
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -277,8 +305,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache=cache,
                 position_ids=positions,
+                **{CACHE_ARG: cache},
             )
             position_embeddings = self.rotary_emb(inputs_embeds, positions)
         else:
@@ -310,7 +338,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
             all_hidden_states.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            cache=cache,
+            **{CACHE_ARG: cache},
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
 
@@ -353,7 +381,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         normalized = nn.functional.normalize(weight.float(), dim=-1, eps=1e-12)
         weight.copy_(normalized.to(weight.dtype))
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_cache_names
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -393,6 +421,6 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
         )
