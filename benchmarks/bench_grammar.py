@@ -15,7 +15,7 @@ from common import REAL_TOKENIZER, bench_checkpoint, model_arguments
 from langchain_core.messages import HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engine import merge_chunks
+from langchain_baichuan2.engines.base import Constraint, merge_chunks
 from langchain_baichuan2.grammar import GrammarCompiler
 from langchain_baichuan2.tools import format_tools
 
@@ -59,11 +59,12 @@ def main() -> None:
     compiler = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size)
     info_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiler.tool_calls(tools, "required")
+    forced = Constraint("tools", tools=tuple(tools), choice="required")
+    compiler.compile(forced)
     cold_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(100):
-        compiler.tool_calls(tools, "required")
+        compiler.compile(forced)
     cached_s = (time.perf_counter() - start) / 100
 
     # "auto" keeps free text possible, so both runs decode exactly n tokens of text.

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig
 
-from langchain_baichuan2.engine import Baichuan2Engine, SamplingParams
+from langchain_baichuan2.engines.base import SamplingParams
+from langchain_baichuan2.engines.native import NativeEngine
 from langchain_baichuan2.loading import LoadedModel, weight_bytes_by_dtype
 from langchain_baichuan2.modeling import (
     BaichuanConfig,
@@ -125,13 +126,13 @@ def quantize_4bit(model: BaichuanForCausalLM) -> None:
     gc.collect()
 
 
-def engine_for_model(model: BaichuanForCausalLM, tokenizer: BaichuanTokenizer) -> Baichuan2Engine:
+def engine_for_model(model: BaichuanForCausalLM, tokenizer: BaichuanTokenizer) -> NativeEngine:
     generation = GenerationConfig(eos_token_id=2, pad_token_id=0)
-    return Baichuan2Engine(LoadedModel(model, tokenizer, generation, path=None))  # type: ignore[arg-type]
+    return NativeEngine(LoadedModel(model, tokenizer, generation, path=None))  # type: ignore[arg-type]
 
 
 def engine_decode(
-    engine: Baichuan2Engine, prompts: list[list[int]], n: int, suppress: list[int]
+    engine: NativeEngine, prompts: list[list[int]], n: int, suppress: list[int]
 ) -> None:
     """Stream every prompt from its own thread, as concurrent users would."""
     params = SamplingParams(

@@ -29,18 +29,26 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import BitsAndBytesConfig
 
-from langchain_baichuan2.engine import (
-    Baichuan2Engine,
+from langchain_baichuan2.engines import native
+from langchain_baichuan2.engines import vllm as vllm_engines
+from langchain_baichuan2.engines.base import (
+    Constraint,
+    Engine,
     GenerationChunk,
     SamplingParams,
     check_sampling_values,
-    engine_for,
 )
-from langchain_baichuan2.grammar import bound_lengths, compiler_for
-from langchain_baichuan2.loading import LoadedModel, load_settings, registry
+from langchain_baichuan2.grammar import bound_lengths
+from langchain_baichuan2.loading import (
+    LoadedModel,
+    load_settings,
+    registry,
+    resolve_model_path,
+)
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
 from langchain_baichuan2.tools import (
     ToolCallTextFilter,
@@ -107,7 +115,7 @@ _CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
 class _Call:
     """Everything one call resolved before generating."""
 
-    engine: Baichuan2Engine
+    engine: Engine
     prompt: ChatPrompt
     params: SamplingParams
     model_name: str
@@ -339,6 +347,24 @@ class ChatBaichuan2(BaseChatModel):
     the loaded model, so it is shared by every object using it; the latest setting
     wins. Default 4096 tokens (about 2 GiB for 7B in bf16)."""
 
+    backend: Literal["auto", "native", "vllm"] = "auto"
+    """What runs the model: ``"native"`` (this package's engine, in this process: any
+    device, bitsandbytes and the official 4-bit checkpoints), ``"vllm"`` (vLLM's engine,
+    fed the same prompt ids: higher throughput, several GPUs, several nodes) or
+    ``"auto"`` (vLLM when it is installed, a CUDA GPU is present and no native-only
+    setting (``quantization``, ``device_map``) is given; else native)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """``backend="vllm"``: GPUs each layer is split across. Default 1."""
+
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    """``backend="vllm"``: stages the layers are split into (across GPUs or nodes).
+    Default 1."""
+
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """``backend="vllm"``: further vLLM engine arguments, e.g.
+    ``{"gpu_memory_utilization": 0.8, "distributed_executor_backend": "ray"}``."""
+
     show_progress: bool | None = None
     """Progress bars while downloading and loading weights. Default None: shown in a
     terminal or notebook, hidden when output is not interactive."""
@@ -365,7 +391,21 @@ class ChatBaichuan2(BaseChatModel):
             repetition_penalty=self.repetition_penalty,
             max_new_tokens=self.max_tokens,
         )
-        SamplingParams(max_new_tokens=1, extra=tuple(self.model_kwargs.items()))
+        backend = self._resolved_backend()
+        wrong = self._vllm_settings() if backend == "native" else self._native_settings()
+        if wrong:
+            other = "vllm" if backend == "native" else "native"
+            msg = (
+                f"{', '.join(wrong)} only apply to backend='{other}', but this model runs on "
+                f"backend='{backend}'"
+                + ("" if backend == "native" else "; pass vLLM's own settings in vllm_kwargs")
+            )
+            raise ValueError(msg)
+        extra = tuple(self.model_kwargs.items())
+        if backend == "vllm":
+            vllm_engines.check_extra_arguments(extra)
+        else:
+            native.check_extra_arguments(extra)
         return self
 
     # -- LangChain identity ---------------------------------------------------------
@@ -418,9 +458,49 @@ class ChatBaichuan2(BaseChatModel):
     # -- the model behind it --------------------------------------------------------
 
     def loaded_model(self, model: str | None = None) -> LoadedModel:
-        """Return the shared loaded model (loading it on first use)."""
+        """Return the shared loaded model of the native backend (loading it on first use)."""
         return registry.get(
             model or self.model, show_progress=self.show_progress, **load_settings(self)
+        )
+
+    def _vllm_settings(self) -> list[str]:
+        """The vLLM-only settings this object sets."""
+        return [
+            name
+            for name, is_set in (
+                ("tensor_parallel_size", self.tensor_parallel_size != 1),
+                ("pipeline_parallel_size", self.pipeline_parallel_size != 1),
+                ("vllm_kwargs", bool(self.vllm_kwargs)),
+            )
+            if is_set
+        ]
+
+    def _native_settings(self) -> list[str]:
+        """The native-only settings this object sets."""
+        return [name for name in ("quantization", "device_map") if getattr(self, name) is not None]
+
+    def _resolved_backend(self) -> Literal["native", "vllm"]:
+        """The backend that runs this object's calls (see ``backend``)."""
+        if self.backend != "auto":
+            return self.backend
+        if self._vllm_settings():
+            return "vllm"
+        if self._native_settings() or set(self.model_kwargs) - set(vllm_engines.EXTRA_ARGUMENTS):
+            return "native"
+        usable = torch.cuda.is_available() and vllm_engines.vllm_available()
+        return "vllm" if usable else "native"
+
+    def engine(self, model: str | None = None) -> Engine:
+        """Return the shared engine that runs this object's calls (started on first use)."""
+        if self._resolved_backend() == "native":
+            return native.engine_for(self.loaded_model(model))
+        folder = resolve_model_path(model or self.model, revision=self.revision, source=self.source)
+        return vllm_engines.vllm_engine_for(
+            folder,
+            dtype=self.dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            vllm_kwargs=self.vllm_kwargs,
         )
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
@@ -436,8 +516,8 @@ class ChatBaichuan2(BaseChatModel):
     ) -> _Call:
         """Resolve the model, the prompt ids and the sampling settings of one call."""
         model_name = kwargs.get("model") or self.model
-        loaded = self.loaded_model(model_name)
-        defaults = loaded.generation_config
+        engine = self.engine(model_name)
+        defaults = engine.generation_config
 
         def pick(name: str, default: Any) -> Any:
             """The per-call value, else the field, else the checkpoint's default."""
@@ -466,7 +546,7 @@ class ChatBaichuan2(BaseChatModel):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             msg = f"seed must be an integer, got {seed!r}"
             raise ValueError(msg)
-        messages, grammar, parse_tools = self._constrain(messages, loaded, kwargs)
+        messages, constraint, parse_tools = self._constrain(messages, kwargs)
         extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
         params = SamplingParams(
             max_new_tokens=int(sampling["max_new_tokens"]),
@@ -477,12 +557,12 @@ class ChatBaichuan2(BaseChatModel):
             seed=seed,
             stop=self._stops(stop),
             extra=tuple(extra.items()),
-            grammar=grammar,
+            constraint=constraint,
         )
-        context = pick("model_max_length", loaded.model.config.model_max_length)
+        context = pick("model_max_length", engine.context_length)
         prompt = build_chat_prompt(
             messages,
-            loaded.tokenizer,
+            engine.tokenizer,
             model_max_length=int(context),
             max_new_tokens=params.max_new_tokens,
             user_token_id=getattr(defaults, "user_token_id", 195),
@@ -493,17 +573,16 @@ class ChatBaichuan2(BaseChatModel):
                 "The prompt was cut on the left to fit model_max_length - max_tokens = %d tokens",
                 int(context) - params.max_new_tokens,
             )
-        engine = engine_for(loaded)
-        engine.prefix_cache.resize(self.prefix_cache_tokens)
+        engine.set_prefix_cache_tokens(self.prefix_cache_tokens)
         return _Call(engine, prompt, params, model_name, parse_tools)
 
     def _constrain(
-        self, messages: list[BaseMessage], loaded: LoadedModel, kwargs: dict[str, Any]
-    ) -> tuple[list[BaseMessage], Any, bool]:
-        """Apply bound tools / a response format: system text, grammar, parsing.
+        self, messages: list[BaseMessage], kwargs: dict[str, Any]
+    ) -> tuple[list[BaseMessage], Constraint | None, bool]:
+        """Apply bound tools / a response format: system text, constraint, parsing.
 
-        Returns the messages (with the protocol's system text first), the compiled
-        grammar or None, and whether the output is parsed for tool calls.
+        Returns the messages (with the protocol's system text first), the constraint
+        on the output or None, and whether the output is parsed for tool calls.
         """
         tools = kwargs.get("tools") or []
         choice = normalize_tool_choice(
@@ -513,18 +592,19 @@ class ChatBaichuan2(BaseChatModel):
         if (not tools or choice == "none") and not response_format:
             return messages, None, False
         language = conversation_language(messages)
-        compiler = compiler_for(loaded)
         bound = self.grammar_max_length
         if response_format:
             schema = response_format.get("schema")
             system = json_system_text(schema, language)
-            grammar = compiler.json_object(bound_lengths(schema, bound))
+            constraint = Constraint("json", schema=bound_lengths(schema, bound))
             parse_tools = False
         else:
             system = tools_system_text(tools, language)
-            grammar = compiler.tool_calls(bound_lengths(tools, bound), choice)
+            constraint = Constraint(
+                "tools", tools=tuple(bound_lengths(tools, bound)), choice=choice
+            )
             parse_tools = True
-        return [SystemMessage(system), *messages], grammar, parse_tools
+        return [SystemMessage(system), *messages], constraint, parse_tools
 
     # -- generation -----------------------------------------------------------------
 
@@ -626,7 +706,7 @@ class ChatBaichuan2(BaseChatModel):
         """Run the inputs as one left-padded batch on the model (not one by one)."""
         if not inputs:
             return []
-        engine = engine_for(self.loaded_model(kwargs.get("model")))
+        engine = self.engine(kwargs.get("model"))
         config, starting = self._batch_config(len(inputs), config)
         with engine.gather(min(starting, len(inputs))):
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
@@ -642,9 +722,9 @@ class ChatBaichuan2(BaseChatModel):
         """Async :meth:`batch`: the inputs decode together as one batch."""
         if not inputs:
             return []
-        loaded = await asyncio.to_thread(self.loaded_model, kwargs.get("model"))
+        engine = await asyncio.to_thread(self.engine, kwargs.get("model"))
         config, starting = self._batch_config(len(inputs), config)
-        with engine_for(loaded).gather(min(starting, len(inputs))):
+        with engine.gather(min(starting, len(inputs))):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs
             )

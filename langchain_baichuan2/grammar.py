@@ -1,21 +1,22 @@
 """Grammar-constrained decoding with xgrammar: tokenizer info, compiled-grammar cache.
 
-The tokenizer info is built once per tokenizer (from its SentencePiece pieces, with
-byte-fallback ``<0xNN>`` pieces and ``▁`` spaces understood by xgrammar); grammars are
-compiled once per distinct spec and cached. The engine runs one ``GrammarMatcher`` per
-request and masks each step's logits with it.
+A backend-neutral ``Constraint`` becomes an xgrammar ``Grammar`` here; the native
+engine compiles it against the tokenizer info (built once per tokenizer, from its
+SentencePiece pieces) and runs one ``GrammarMatcher`` per request, masking each step's
+logits; the vLLM engine hands the same grammar to vLLM as EBNF text.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
-from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.tools import (
     TOOL_CALL_OPEN,
     TOOL_CALL_SUFFIX,
@@ -28,62 +29,68 @@ from langchain_baichuan2.tools import (
 _CONTROL_IDS = (0, 1, 2)
 
 
+def tokenizer_info(tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> xgr.TokenizerInfo:
+    """xgrammar's view of a Baichuan2 vocabulary.
+
+    Byte-fallback pieces, ``▁`` for spaces, no prefix space (Baichuan2 has no dummy
+    prefix), and the control pieces ``<unk>``, ``<s>``, ``</s>`` marked special, so
+    a grammar can never produce them as text.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    for i in _CONTROL_IDS:
+        pieces[i] = ""
+    return xgr.TokenizerInfo(
+        pieces,
+        xgr.VocabType.BYTE_FALLBACK,
+        vocab_size=vocab_size,
+        stop_token_ids=[eos_token_id],
+        add_prefix_space=False,
+    )
+
+
+def build_grammar(constraint: Constraint) -> xgr.Grammar:
+    """The grammar of ``constraint`` (uncompiled: each backend compiles it its own way).
+
+    JSON is compact (``json.dumps`` spacing, no other whitespace). A forced tool call is
+    the call prefix, the arguments valid against the tool's schema, and the suffix;
+    ``choice="auto"`` allows free text in which a call starts at ``<tool_call>``.
+    """
+    if constraint.kind == "json":
+        return _json_grammar(constraint.schema)
+    tools = list(constraint.tools)
+    if constraint.choice == "auto":
+        return xgr.Grammar.from_structural_tag(json.dumps(tool_call_structural_tag(tools)))
+    calls = [
+        xgr.Grammar.concat(
+            _literal(tool_call_prefix(t["function"]["name"])),
+            _json_grammar(t["function"].get("parameters")),
+            _literal(TOOL_CALL_SUFFIX),
+        )
+        for t in tools
+        if constraint.choice in ("required", t["function"]["name"])
+    ]
+    return calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+
+
 class GrammarCompiler:
     """Compiles and caches grammars for one tokenizer and vocabulary size."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> None:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        for i in _CONTROL_IDS:
-            pieces[i] = ""
-        self.info = xgr.TokenizerInfo(
-            pieces,
-            xgr.VocabType.BYTE_FALLBACK,
-            vocab_size=vocab_size,
-            stop_token_ids=[eos_token_id],
-            add_prefix_space=False,
-        )
+        self.info = tokenizer_info(tokenizer, vocab_size, eos_token_id)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=2)
         self._cache: dict[str, xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
 
-    def _compiled(self, key: str, compile_fn: Any) -> xgr.CompiledGrammar:
+    def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        """The compiled grammar of ``constraint``, compiled once per distinct one."""
+        key = json.dumps(asdict(constraint), sort_keys=True)
         with self._lock:
             grammar = self._cache.get(key)
             if grammar is None:
-                grammar = self._cache[key] = compile_fn()
-            return grammar
-
-    def tool_calls(self, tools: list[dict[str, Any]], choice: ToolChoice) -> xgr.CompiledGrammar:
-        """Grammar for the tool protocol: forced (exactly one call) or auto.
-
-        A forced call is the call prefix, the arguments as compact JSON valid against
-        the tool's schema (``json.dumps`` spacing, no other whitespace), and the suffix;
-        ``"auto"`` allows free text in which a call starts at ``<tool_call>``.
-        """
-        key = json.dumps([tools, choice], sort_keys=True)
-        if choice == "auto":
-            tag = tool_call_structural_tag(tools)
-            return self._compiled(key, lambda: self._compiler.compile_structural_tag(tag))
-
-        def forced() -> xgr.CompiledGrammar:
-            calls = [
-                xgr.Grammar.concat(
-                    _literal(tool_call_prefix(t["function"]["name"])),
-                    _json_grammar(t["function"].get("parameters")),
-                    _literal(TOOL_CALL_SUFFIX),
+                grammar = self._cache[key] = self._compiler.compile_grammar(
+                    build_grammar(constraint)
                 )
-                for t in tools
-                if choice in ("required", t["function"]["name"])
-            ]
-            grammar = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
-            return self._compiler.compile_grammar(grammar)
-
-        return self._compiled(key, forced)
-
-    def json_object(self, schema: dict[str, Any] | None) -> xgr.CompiledGrammar:
-        """Grammar for one JSON object, matching ``schema`` when one is given."""
-        key = "json:" + json.dumps(schema, sort_keys=True)
-        return self._compiled(key, lambda: self._compiler.compile_grammar(_json_grammar(schema)))
+            return grammar
 
 
 def _literal(text: str) -> xgr.Grammar:
@@ -152,16 +159,6 @@ def tool_call_structural_tag(tools: list[dict[str, Any]]) -> dict[str, Any]:
         "type": "structural_tag",
         "format": {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": tags},
     }
-
-
-def compiler_for(loaded: LoadedModel) -> GrammarCompiler:
-    """The one ``GrammarCompiler`` of a loaded model (built on first use)."""
-    eos = loaded.generation_config.eos_token_id
-    eos_id = eos[0] if isinstance(eos, list) else 2 if eos is None else eos
-    return loaded.shared(
-        "grammar",
-        lambda: GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, eos_id),
-    )
 
 
 class GrammarMask:

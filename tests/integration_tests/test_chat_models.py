@@ -9,7 +9,7 @@ import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engine import Baichuan2Engine, engine_for
+from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
 QUESTION = "What is the capital of France?"
@@ -145,13 +145,13 @@ def test_batch_equals_one_by_one_and_runs_as_one_batch(llm, monkeypatch):
     prompts = ["Hi", "Tell me a long story about dragons and castles", "1 + 1 = ?", "你好"]
     alone = [llm.invoke(p).content for p in prompts]
     sizes = []
-    original = Baichuan2Engine._step
+    original = NativeEngine._step
 
     def spy(self, batch):
         sizes.append(len(batch.rows))
         return original(self, batch)
 
-    monkeypatch.setattr(Baichuan2Engine, "_step", spy)
+    monkeypatch.setattr(NativeEngine, "_step", spy)
     together = [m.content for m in llm.batch(prompts)]
     assert together == alone
     assert sizes[0] == len(prompts)  # every prompt decodes from the first step on
@@ -351,7 +351,7 @@ def test_the_real_tokenizer_stream_never_splits_a_character(
         position["next"] += 1
         return torch.full((len(rows),), token, dtype=torch.long)
 
-    monkeypatch.setattr(Baichuan2Engine, "_pick", scripted_pick)
+    monkeypatch.setattr(NativeEngine, "_pick", scripted_pick)
     chunks = [c.content for c in llm.stream("你好")]
     assert "".join(chunks) == text
     assert all("\ufffd" not in c for c in chunks)

@@ -7,7 +7,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engine import engine_for
+from langchain_baichuan2.engines.native import engine_for
 
 SYSTEM = "You are a careful assistant who answers in short sentences. " * 3
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engine import Baichuan2Engine
-from langchain_baichuan2.grammar import compiler_for
+from langchain_baichuan2.engines.native import NativeEngine, engine_for
+from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.testing import make_tiny_checkpoint
 from langchain_baichuan2.tools import format_tools
 
@@ -117,7 +117,7 @@ def test_a_call_cut_by_max_tokens_becomes_an_invalid_tool_call(tiny_7b, monkeypa
     def scripted_pick(self, logits, rows, *args):
         return torch.full((len(rows),), next(steps), dtype=torch.long)
 
-    monkeypatch.setattr(Baichuan2Engine, "_pick", scripted_pick)
+    monkeypatch.setattr(NativeEngine, "_pick", scripted_pick)
     reply = llm.bind_tools([Order]).invoke("hi", max_tokens=len(script))
     assert reply.content == "ok "
     assert reply.tool_calls == []
@@ -134,7 +134,7 @@ def test_a_token_the_grammar_rejects_fails_only_that_request(tiny_7b, monkeypatc
     llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=20)
     bad = llm.loaded_model().tokenizer.encode("x", add_special_tokens=False)[0]
     monkeypatch.setattr(
-        Baichuan2Engine, "_pick", lambda self, logits, rows, *a: torch.full((len(rows),), bad)
+        NativeEngine, "_pick", lambda self, logits, rows, *a: torch.full((len(rows),), bad)
     )
     with pytest.raises(RuntimeError, match="grammar rejected token"):
         llm.bind_tools([Order], tool_choice="any").invoke("hi")
@@ -210,8 +210,7 @@ def test_structured_output_include_raw(llm):
 def test_json_mode_without_schema_allows_objects_only(llm):
     import xgrammar as xgr
 
-    loaded = llm.loaded_model()
-    grammar = compiler_for(loaded).json_object(None)
+    grammar = engine_for(llm.loaded_model()).grammar_compiler.compile(Constraint("json"))
     assert xgr.GrammarMatcher(grammar).accept_string('{"a": [1, "x"]}')
     for not_an_object in ("[1]", '"text"', "3"):
         assert not xgr.GrammarMatcher(grammar).accept_string(not_an_object)
@@ -225,12 +224,15 @@ def test_bad_structured_output_arguments_are_rejected(llm):
 
 
 def test_grammars_are_compiled_once_per_schema_set(llm):
-    loaded = llm.loaded_model()
-    compiler = compiler_for(loaded)
-    assert compiler is compiler_for(loaded)
-    tools = format_tools([Order, ping])
-    assert compiler.tool_calls(tools, "required") is compiler.tool_calls(tools, "required")
-    assert compiler.tool_calls(tools, "required") is not compiler.tool_calls(tools, "auto")
+    engine = engine_for(llm.loaded_model())
+    compiler = engine.grammar_compiler
+    assert compiler is engine.grammar_compiler
+    tools = tuple(format_tools([Order, ping]))
+    required, auto = Constraint("tools", tools=tools, choice="required"), Constraint(
+        "tools", tools=tools, choice="auto"
+    )
+    assert compiler.compile(required) is compiler.compile(Constraint("tools", tools=tools, choice="required"))
+    assert compiler.compile(required) is not compiler.compile(auto)
 
 
 def test_forced_calls_work_with_the_real_vocabulary(real_tokenizer_model, tmp_path_factory):

@@ -1,4 +1,4 @@
-"""The generation engine: one loaded model, a worker thread and a batched decode loop.
+"""The native engine: our model in this process, a worker thread, a batched decode loop.
 
 Requests (prompt ids + sampling settings) are queued. The worker prefills each new
 request (reusing the KV cache of a stored prefix when one matches) and adds it to the
@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -34,8 +34,14 @@ from transformers.generation.logits_process import (
     SuppressTokensLogitsProcessor,
 )
 
-from langchain_baichuan2.decoding import IncrementalDecoder, StopStringMatcher
-from langchain_baichuan2.grammar import GrammarMask
+from langchain_baichuan2.engines.base import (
+    Engine,
+    GenerationChunk,
+    OutputText,
+    SamplingParams,
+    eos_ids_of,
+)
+from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.prefix_cache import LayerKV, PrefixCache
 
@@ -52,86 +58,15 @@ EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int]], LogitsProcessor]] = {
 }
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens for one request. ``temperature == 0`` means greedy."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    extra: tuple[tuple[str, Any], ...] = ()
-    """Extra ``generate()`` arguments as ``(name, value)`` pairs; see ``EXTRA_ARGUMENTS``."""
-    grammar: Any = None
-    """An xgrammar ``CompiledGrammar`` the output must follow (tool calls, JSON)."""
-
-    def __post_init__(self) -> None:
-        unknown = sorted({name for name, _ in self.extra} - set(EXTRA_ARGUMENTS))
-        if unknown:
-            msg = (
-                f"Unsupported generate() argument(s) {', '.join(unknown)}; "
-                f"supported: {', '.join(EXTRA_ARGUMENTS)}"
-            )
-            raise ValueError(msg)
-        check_sampling_values(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_new_tokens,
+def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
+    """Reject ``generate()`` arguments the native engine does not apply."""
+    unknown = sorted({name for name, _ in extra} - set(EXTRA_ARGUMENTS))
+    if unknown:
+        msg = (
+            f"Unsupported generate() argument(s) {', '.join(unknown)}; "
+            f"supported: {', '.join(EXTRA_ARGUMENTS)}"
         )
-
-
-def check_sampling_values(
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    repetition_penalty: float | None = None,
-    max_new_tokens: int | None = None,
-) -> None:
-    """Raise ``ValueError`` naming the first out-of-range sampling value."""
-
-    def number(name: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            msg = f"{name} must be a number, got {value!r}"
-            raise ValueError(msg)
-        return float(value)
-
-    if temperature is not None and number("temperature", temperature) < 0:
-        msg = f"temperature must be >= 0 (0 means greedy), got {temperature}"
         raise ValueError(msg)
-    if top_p is not None and not 0 < number("top_p", top_p) <= 1:
-        msg = f"top_p must be in (0, 1], got {top_p}"
-        raise ValueError(msg)
-    if top_k is not None and (number("top_k", top_k) < 0 or int(top_k) != top_k):
-        msg = f"top_k must be an integer >= 0 (0 disables it), got {top_k}"
-        raise ValueError(msg)
-    if repetition_penalty is not None and number("repetition_penalty", repetition_penalty) <= 0:
-        msg = f"repetition_penalty must be > 0, got {repetition_penalty}"
-        raise ValueError(msg)
-    if max_new_tokens is not None and (
-        number("max_tokens", max_new_tokens) < 1 or int(max_new_tokens) != max_new_tokens
-    ):
-        msg = f"max_tokens must be an integer >= 1, got {max_new_tokens}"
-        raise ValueError(msg)
-
-
-@dataclass
-class GenerationChunk:
-    """A piece of one request's output: a text delta, or the final summary."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generation_seconds: float = 0.0
 
 
 # Put in an engine's inbox to stop its worker.
@@ -162,10 +97,12 @@ class _Request:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        grammar: Any = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.grammar = grammar  # the constraint compiled by xgrammar, or None
         self.cancelled = threading.Event()
         self.loop = loop
         self.outbox: queue.SimpleQueue | asyncio.Queue = (
@@ -185,17 +122,13 @@ class _Request:
 class _Row:
     """Decoding state of one request inside a running batch."""
 
-    def __init__(self, request: _Request, engine: Baichuan2Engine) -> None:
+    def __init__(self, request: _Request, engine: NativeEngine) -> None:
         self.request = request
         params = request.params
-        self.decoder = IncrementalDecoder(engine.tokenizer, skip_special_tokens=True)
-        self.stops = StopStringMatcher(params.stop) if params.stop else None
+        self.text = OutputText(engine.tokenizer, params, engine.eos_ids)
         self.generator: torch.Generator | None = None
         if params.temperature > 0 and params.seed is not None:
             self.generator = torch.Generator(device=engine.device).manual_seed(params.seed)
-        self.output_ids: list[int] = []
-        self.generated = 0  # tokens produced, counting a final eos
-        self.finish_reason: str | None = None
         self.cached_tokens = 0
         self.prompt_seconds = 0.0
         self.started = time.perf_counter()
@@ -204,47 +137,13 @@ class _Row:
             for name, value in params.extra
         ]
         self.grammar = (
-            GrammarMask(params.grammar, engine.model.config.vocab_size)
-            if params.grammar is not None
-            else None
+            GrammarMask(request.grammar, engine.vocab_size) if request.grammar is not None else None
         )
-
-    def push(self, token: int, eos_ids: set[int]) -> GenerationChunk | None:
-        """Take one sampled token; return a chunk to send, or None; mark the finish."""
-        self.generated += 1
-        if token in eos_ids:
-            self.finish_reason = "stop"
-            return self._final_text()
-        self.output_ids.append(token)
-        text = self.decoder.push([token])
-        if self.stops is not None:
-            text, stopped = self.stops.push(text)
-            if stopped:
-                self.finish_reason = "stop"
-                return GenerationChunk(text=text, token_ids=[token])
-        if len(self.output_ids) >= self.request.params.max_new_tokens:
-            self.finish_reason = "length"
-            tail = self._final_text()
-            return GenerationChunk(text=text + (tail.text if tail else ""), token_ids=[token])
-        return GenerationChunk(text=text, token_ids=[token])
-
-    def _final_text(self) -> GenerationChunk | None:
-        """Release text held back by the decoder and the stop matcher at the end."""
-        text = self.decoder.flush()
-        if self.stops is not None:
-            text, stopped = self.stops.push(text)
-            text += "" if stopped else self.stops.flush()
-        return GenerationChunk(text=text) if text else None
 
     def summary(self) -> GenerationChunk:
         """The final chunk: finish reason, measured counts and timings."""
-        return GenerationChunk(
-            finish_reason=self.finish_reason,
-            prompt_tokens=len(self.request.prompt_ids),
-            cached_prompt_tokens=self.cached_tokens,
-            completion_tokens=self.generated,
-            prompt_seconds=self.prompt_seconds,
-            generation_seconds=time.perf_counter() - self.started,
+        return self.text.summary(
+            len(self.request.prompt_ids), self.cached_tokens, self.prompt_seconds, self.started
         )
 
 
@@ -356,7 +255,7 @@ def _filter_top_k_top_p(
     return logits.scatter(1, order, sorted_logits.masked_fill(remove, -math.inf))
 
 
-class Baichuan2Engine:
+class NativeEngine(Engine):
     """Runs generation for one loaded model on a background worker thread.
 
     Args:
@@ -372,9 +271,10 @@ class Baichuan2Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.generation_config = loaded.generation_config
+        self.context_length = self.model.config.model_max_length
         self.device = next(self.model.parameters()).device
-        eos = loaded.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else 2])
+        self.eos_ids = eos_ids_of(loaded.generation_config)
         self.vocab_size = self.model.config.vocab_size
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
@@ -406,16 +306,22 @@ class Baichuan2Engine:
                 self._gathers.remove(group)
                 self._lock.notify_all()
 
+    def _compile(self, params: SamplingParams) -> Any:
+        """Check a request's settings; return its compiled grammar (or None)."""
+        check_extra_arguments(params.extra)
+        self._check_token_ids(params)
+        return self.grammar_compiler.compile(params.constraint) if params.constraint else None
+
     def _submit(
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        grammar: Any,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> _Request:
         if not prompt_ids:
             raise ValueError("The prompt is empty: there is nothing to generate from")
-        self._check_token_ids(params)
-        request = _Request(prompt_ids, params, loop)
+        request = _Request(prompt_ids, params, grammar, loop)
         with self._lock:
             if self._closed:
                 raise RuntimeError("The Baichuan2 engine was shut down")
@@ -430,6 +336,18 @@ class Baichuan2Engine:
                 group.remaining -= 1
             self._lock.notify_all()
         return request
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's grammar compiler (built on first use, shared with its users)."""
+        return self.loaded.shared(
+            "grammar",
+            lambda: GrammarCompiler(self.tokenizer, self.vocab_size, min(self.eos_ids)),
+        )
+
+    def set_prefix_cache_tokens(self, tokens: int) -> None:
+        """Resize the store of reusable prompt KV caches (least recently used go first)."""
+        self.prefix_cache.resize(tokens)
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """Reject token ids outside the vocabulary before they can reach a batch."""
@@ -464,7 +382,7 @@ class Baichuan2Engine:
 
         Leaving the loop early (closing the generator) cancels the request.
         """
-        request = self._submit(prompt_ids, params)
+        request = self._submit(prompt_ids, params, self._compile(params))
         try:
             while True:
                 item = self._wait(request)
@@ -481,7 +399,8 @@ class Baichuan2Engine:
 
         Cancelling the consuming task cancels the request.
         """
-        request = self._submit(prompt_ids, params, asyncio.get_running_loop())
+        grammar = await asyncio.to_thread(self._compile, params)
+        request = self._submit(prompt_ids, params, grammar, asyncio.get_running_loop())
         try:
             while True:
                 # No polling here: asyncio.wait_for can swallow a cancellation (3.11),
@@ -652,10 +571,10 @@ class Baichuan2Engine:
             if row.grammar is not None and not row.grammar.accept(token):
                 row.request.send(RuntimeError(f"the grammar rejected token {token}"))
                 continue
-            chunk = row.push(token, self.eos_ids)
+            chunk = row.text.push(token)
             if chunk is not None and (chunk.text or chunk.token_ids):
                 row.request.send(chunk)
-            if row.finish_reason is None:
+            if row.text.finish_reason is None:
                 keep.append(i)
                 continue
             self.prefix_cache.store(*batch.row_kv(i))
@@ -700,20 +619,6 @@ class Baichuan2Engine:
         return tokens
 
 
-def merge_chunks(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
-    """Join a request's chunks into one: all text and ids, plus the final summary."""
-    text: list[str] = []
-    ids: list[int] = []
-    last = GenerationChunk()
-    for chunk in chunks:
-        text.append(chunk.text)
-        ids.extend(chunk.token_ids)
-        last = chunk
-    last.text = "".join(text)
-    last.token_ids = ids
-    return last
-
-
-def engine_for(loaded: LoadedModel) -> Baichuan2Engine:
+def engine_for(loaded: LoadedModel) -> NativeEngine:
     """Return the one engine serving ``loaded`` (created on first use)."""
-    return loaded.shared("engine", lambda: Baichuan2Engine(loaded))
+    return loaded.shared("engine", lambda: NativeEngine(loaded))

@@ -1,0 +1,317 @@
+"""The vLLM engine: vLLM's async engine in this process, fed our exact prompt ids.
+
+vLLM schedules, batches and runs the model (tensor / pipeline parallel, Ray for
+several nodes); we keep what makes the output Baichuan2's and identical to the
+native engine: prompt ids as ``TokensPrompt``, our incremental detokenizing and
+stop strings (``OutputText``), the same grammar for tool calls and JSON (sent as
+EBNF to vLLM's xgrammar backend). vLLM's ``AsyncLLM`` lives on an event loop in a
+background thread, so sync and async callers, from any loop, can share it; leaving
+a stream early or cancelling its task aborts the vLLM request at once.
+
+Nothing here imports vLLM until an engine is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from langchain_baichuan2.engines.base import (
+    Engine,
+    GenerationChunk,
+    OutputText,
+    SamplingParams,
+    eos_ids_of,
+)
+from langchain_baichuan2.grammar import build_grammar
+from langchain_baichuan2.loading import DType, check_checkpoint, resolve_dtype
+from langchain_baichuan2.modeling import BaichuanTokenizer
+
+# generate() arguments vLLM can honour, mapped to its SamplingParams names.
+EXTRA_ARGUMENTS = {"min_new_tokens": "min_tokens"}
+
+
+def vllm_available() -> bool:
+    """Whether vLLM is installed (without importing it)."""
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None
+
+
+def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
+    """Reject ``generate()`` arguments vLLM cannot honour, naming them."""
+    unknown = sorted({name for name, _ in extra} - set(EXTRA_ARGUMENTS))
+    if unknown:
+        msg = (
+            f"backend='vllm' cannot apply {', '.join(unknown)}; supported there: "
+            f"{', '.join(EXTRA_ARGUMENTS)} (use backend='native' for the others)"
+        )
+        raise ValueError(msg)
+
+
+class VllmEngine(Engine):
+    """Generation on vLLM's ``AsyncLLM`` for one checkpoint folder and configuration.
+
+    Args:
+        folder: A Baichuan2 checkpoint folder (this package's vLLM plugin loads it).
+        dtype: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a dtype name.
+        tensor_parallel_size: GPUs (or CPU sockets) each layer is split across.
+        pipeline_parallel_size: Stages the layers are split into.
+        vllm_kwargs: Further ``AsyncEngineArgs`` (``gpu_memory_utilization``,
+            ``max_model_len``, ``distributed_executor_backend="ray"``, ...).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        dtype: DType = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        vllm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        config = check_checkpoint(folder)
+        self.folder = folder
+        self.tokenizer = BaichuanTokenizer.from_pretrained(folder)
+        self.generation_config = GenerationConfig.from_pretrained(folder)
+        self.context_length = config.model_max_length
+        self.vocab_size = config.vocab_size
+        self.eos_ids = eos_ids_of(self.generation_config)
+        self._skip_prefix_cache = False
+        torch_dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
+        args = {
+            "model": str(folder),
+            "tokenizer": str(folder),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "max_model_len": config.model_max_length,
+            "enable_prefix_caching": True,
+            "trust_remote_code": False,
+            **(vllm_kwargs or {}),
+        }
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="baichuan2-vllm", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.llm = self._call(self._start(args)).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @staticmethod
+    async def _start(args: dict[str, Any]) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    def _call(self, coroutine: Any) -> Future:
+        """Run ``coroutine`` on the engine's event loop."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _sampling_params(self, params: SamplingParams) -> Any:
+        """vLLM's ``SamplingParams`` for ours; what vLLM cannot honour raises."""
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+        from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+        check_extra_arguments(params.extra)
+        structured = (
+            StructuredOutputsParams(grammar=str(build_grammar(params.constraint)))
+            if params.constraint is not None
+            else None
+        )
+        return VllmSamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=sorted(self.eos_ids),
+            structured_outputs=structured,
+            detokenize=False,  # our own detokenizing: the same text as the native engine
+            output_kind=RequestOutputKind.DELTA,
+            skip_reading_prefix_cache=self._skip_prefix_cache,
+            **{EXTRA_ARGUMENTS[name]: int(value) for name, value in params.extra},
+        )
+
+    async def _generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[GenerationChunk | BaseException], None],
+    ) -> None:
+        """Run one request on the engine loop, sending chunks (or its error) to ``emit``."""
+        from vllm.inputs import TokensPrompt
+
+        try:
+            vllm_params = self._sampling_params(params)
+            text = OutputText(self.tokenizer, params, self.eos_ids)
+            submitted = time.perf_counter()
+            prompt_seconds: float | None = None
+            cached = 0
+            outputs = self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), vllm_params, uuid.uuid4().hex
+            )
+            try:
+                async for out in outputs:
+                    if prompt_seconds is None:
+                        prompt_seconds = time.perf_counter() - submitted
+                        cached = out.num_cached_tokens or 0
+                    completion = out.outputs[0]
+                    for token in completion.token_ids:
+                        chunk = text.push(token)
+                        if chunk is not None and (chunk.text or chunk.token_ids):
+                            emit(chunk)
+                        if text.finish_reason is not None:
+                            break
+                    if text.finish_reason is not None:
+                        break
+                    if out.finished:
+                        if completion.finish_reason not in ("stop", "length"):
+                            msg = f"vLLM ended the request: {completion.finish_reason}"
+                            raise RuntimeError(msg)
+                        tail = text.finish(completion.finish_reason)
+                        if tail is not None:
+                            emit(tail)
+            finally:
+                await outputs.aclose()  # aborts the vLLM request if it is still running
+            if text.finish_reason is None:
+                raise RuntimeError("vLLM ended the request without a finish reason")
+            emit(text.summary(len(prompt_ids), cached, prompt_seconds or 0.0, submitted))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the caller must see it
+            emit(e)
+
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> Iterator[GenerationChunk]:
+        """Yield text deltas, then a final chunk; closing the generator aborts the request."""
+        inbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
+        future = self._call(self._generate(list(prompt_ids), params, inbox.put))
+        try:
+            while True:
+                try:
+                    item = inbox.get(timeout=1.0)
+                except queue.Empty:
+                    if future.done() and inbox.empty():
+                        future.result()  # raises what ended the task
+                        raise RuntimeError("The vLLM request ended without an answer") from None
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            future.cancel()
+
+    async def astream(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """Async :meth:`stream`; cancelling the consuming task aborts the request."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+
+        def emit(item: GenerationChunk | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        future = self._call(self._generate(list(prompt_ids), params, emit))
+        try:
+            while True:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            future.cancel()
+
+    def set_prefix_cache_tokens(self, tokens: int) -> None:
+        """0 stops requests from reading vLLM's prefix cache; vLLM sizes the cache itself."""
+        self._skip_prefix_cache = tokens == 0
+
+    def running_requests(self) -> int:
+        """Requests vLLM is still working on (for checks and monitoring)."""
+        return int(self.llm.output_processor.get_num_unfinished_requests())
+
+    def shutdown(self) -> None:
+        """Stop vLLM (its engine process and workers) and the event loop thread."""
+        if self._loop.is_closed():
+            return
+        try:
+            self.llm.shutdown()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+_engines: dict[str, VllmEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def vllm_engine_for(
+    folder: Path,
+    *,
+    dtype: DType,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    vllm_kwargs: dict[str, Any],
+) -> VllmEngine:
+    """The one vLLM engine for this folder and configuration (started on first use)."""
+    if not vllm_available():
+        msg = (
+            "backend='vllm' needs vLLM: pip install 'langchain-baichuan2[vllm]' on a GPU "
+            "machine (see the README for the CPU build), or use backend='native'"
+        )
+        raise ImportError(msg)
+    key = json.dumps(
+        [str(folder.resolve()), dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs],
+        sort_keys=True,
+        default=str,
+    )
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = VllmEngine(
+                folder,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                vllm_kwargs=vllm_kwargs,
+            )
+        return engine
+
+
+def shutdown_vllm_engines() -> None:
+    """Stop every vLLM engine started in this process (their GPU memory is freed)."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.shutdown()
+
+
+atexit.register(shutdown_vllm_engines)
