@@ -10,6 +10,7 @@ Baichuan2 chat template shipped here (``CHAT_TEMPLATE``) unless another is given
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = Path(__file__).with_name("baichuan2_chat.jinja")
 """Jinja chat template rendering Baichuan2's roles as ``ChatBaichuan2``'s prompt does."""
@@ -34,3 +35,37 @@ def register() -> None:
         )
     if get_chat_template_fallback_path("baichuan", "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path("baichuan", CHAT_TEMPLATE)
+    _use_native_tokenizer_info()
+
+
+def _use_native_tokenizer_info() -> None:
+    """Give vLLM's xgrammar backend the vocabulary view the native engine uses.
+
+    xgrammar's generic reading of a SentencePiece tokenizer assumes a prefix space and
+    treats ``<unk>``/``<s>``/``</s>`` as text; Baichuan2 has no dummy prefix and those
+    ids must never appear inside constrained output. Only Baichuan2 tokenizers are
+    affected; every other tokenizer goes through xgrammar's own code.
+    """
+    import xgrammar as xgr
+
+    from langchain_baichuan2.grammar import tokenizer_info
+    from langchain_baichuan2.modeling import BaichuanTokenizer
+
+    generic = xgr.TokenizerInfo.from_huggingface
+    if getattr(generic, "baichuan2", False):
+        return
+
+    def from_huggingface(
+        tokenizer: Any,
+        vocab_size: int | None = None,
+        stop_token_ids: list[int] | int | None = None,
+        **kwargs: Any,
+    ) -> xgr.TokenizerInfo:
+        if not isinstance(tokenizer, BaichuanTokenizer):
+            return generic(tokenizer, vocab_size, stop_token_ids, **kwargs)
+        stops = [stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids
+        eos = stops[0] if stops else tokenizer.eos_token_id
+        return tokenizer_info(tokenizer, vocab_size or len(tokenizer), eos)
+
+    from_huggingface.baichuan2 = True  # type: ignore[attr-defined]
+    xgr.TokenizerInfo.from_huggingface = staticmethod(from_huggingface)  # type: ignore[method-assign]

