@@ -287,8 +287,9 @@ def vllm_engine_for(
             "machine (see the README for the CPU build), or use backend='native'"
         )
         raise ImportError(msg)
+    resolved = str(resolve_dtype(dtype, on_gpu=torch.cuda.is_available()))
     key = json.dumps(
-        [str(folder.resolve()), dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs],
+        [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs],
         sort_keys=True,
         default=str,
     )

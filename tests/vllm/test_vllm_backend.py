@@ -192,9 +192,8 @@ def test_min_new_tokens_is_honoured(pair):
     assert a.usage_metadata["output_tokens"] == 20
 
 
-def test_tensor_parallel_two_gives_the_same_tokens(tmp_path_factory, cpu_threads_for_two_ranks):
-    # ALiBi with 6 heads: 4 power-of-two slopes + 2 interleaved ones, split 3 + 3 by rank.
-    folder = make_alibi_checkpoint(tmp_path_factory)
+def test_tensor_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for_two_ranks):
+    folder = vllm_folders["13b-tp"]
     native, _ = chat_models(folder)
     tp2 = ChatBaichuan2(
         model=str(folder),
@@ -208,10 +207,3 @@ def test_tensor_parallel_two_gives_the_same_tokens(tmp_path_factory, cpu_threads
     for messages in CONVERSATIONS.values():
         same_reply(tp2.invoke(messages), native.invoke(messages))
 
-
-def make_alibi_checkpoint(tmp_path_factory):
-    from langchain_baichuan2.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("tp2"), "13b", hidden_size=384, num_attention_heads=6
-    )

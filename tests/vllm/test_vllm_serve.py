@@ -134,3 +134,16 @@ def test_completions_take_token_ids(server):
     )
     assert answer["usage"]["prompt_tokens"] == 4
     assert answer["usage"]["completion_tokens"] == 5
+
+
+def test_chat_openai_pointed_at_the_server_as_the_readme_shows(server):
+    url, folder = server
+    from tests.integration_tests.test_docs import README, python_blocks
+
+    (code,) = [code for _, code in python_blocks(README.read_text()) if "ChatOpenAI(" in code]
+    assert "http://localhost:8000/v1" in code
+    namespace = {"__name__": "__readme__"}
+    exec(code.replace("http://localhost:8000/v1", f"{url}/v1"), namespace)
+    server_llm = namespace["server"].bind(temperature=0, max_tokens=16, extra_body={"repetition_penalty": 1.05})
+    native, _ = chat_models(folder, max_tokens=16)
+    assert server_llm.invoke(MESSAGES[:2]).content == native.invoke(MESSAGES[:2]).content
