@@ -20,7 +20,6 @@ from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.tools import (
     TOOL_CALL_OPEN,
     TOOL_CALL_SUFFIX,
-    ToolChoice,
     tool_call_prefix,
 )
 
@@ -30,7 +29,7 @@ _CONTROL_IDS = (0, 1, 2)
 
 
 def tokenizer_info(tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> xgr.TokenizerInfo:
-    """xgrammar's view of a Baichuan2 vocabulary.
+    """The Baichuan2 vocabulary as xgrammar sees it.
 
     Byte-fallback pieces, ``▁`` for spaces, no prefix space (Baichuan2 has no dummy
     prefix), and the control pieces ``<unk>``, ``<s>``, ``</s>`` marked special, so

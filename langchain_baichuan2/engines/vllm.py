@@ -39,8 +39,8 @@ from langchain_baichuan2.grammar import build_grammar
 from langchain_baichuan2.loading import DType, check_checkpoint, resolve_dtype
 from langchain_baichuan2.modeling import BaichuanTokenizer
 
-# generate() arguments vLLM can honour, mapped to its SamplingParams names.
-EXTRA_ARGUMENTS = {"min_new_tokens": "min_tokens"}
+# generate() arguments vLLM can honour (``min_new_tokens`` is its ``min_tokens``).
+EXTRA_ARGUMENTS = ("min_new_tokens",)
 
 
 def vllm_available() -> bool:
@@ -125,7 +125,7 @@ class VllmEngine(Engine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def _sampling_params(self, params: SamplingParams) -> Any:
-        """vLLM's ``SamplingParams`` for ours; what vLLM cannot honour raises."""
+        """Our sampling settings as vLLM's ``SamplingParams``; what vLLM cannot honour raises."""
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
@@ -147,7 +147,7 @@ class VllmEngine(Engine):
             detokenize=False,  # our own detokenizing: the same text as the native engine
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=self._skip_prefix_cache,
-            **{EXTRA_ARGUMENTS[name]: int(value) for name, value in params.extra},
+            min_tokens=int(dict(params.extra).get("min_new_tokens", 0)),
         )
 
     async def _generate(
@@ -289,7 +289,8 @@ def vllm_engine_for(
         raise ImportError(msg)
     resolved = str(resolve_dtype(dtype, on_gpu=torch.cuda.is_available()))
     key = json.dumps(
-        [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs],
+        [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size]
+        + [vllm_kwargs],
         sort_keys=True,
         default=str,
     )

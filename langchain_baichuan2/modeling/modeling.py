@@ -6,7 +6,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -306,7 +306,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=positions,
-                **{CACHE_ARG: cache},
+                **cast(dict[str, Any], {CACHE_ARG: cache}),
             )
             position_embeddings = self.rotary_emb(inputs_embeds, positions)
         else:
@@ -338,8 +338,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
             all_hidden_states.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            **{CACHE_ARG: cache},
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            hidden_states=cast(Any, tuple(all_hidden_states)) if output_hidden_states else None,
+            **cast(dict[str, Any], {CACHE_ARG: cache}),
         )
 
 

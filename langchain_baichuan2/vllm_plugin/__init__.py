@@ -62,7 +62,9 @@ def _use_native_tokenizer_info() -> None:
         **kwargs: Any,
     ) -> xgr.TokenizerInfo:
         if not isinstance(tokenizer, BaichuanTokenizer):
-            return generic(tokenizer, vocab_size, stop_token_ids, **kwargs)
+            return generic(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids, **kwargs
+            )
         stops = [stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids
         eos = stops[0] if stops else tokenizer.eos_token_id
         return tokenizer_info(tokenizer, vocab_size or len(tokenizer), eos)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from itertools import islice
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,6 +83,7 @@ class BaichuanMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[tokens, hidden]`` to ``[tokens, hidden]``."""
         gate_up, _ = self.gate_up_proj(x)
         out, _ = self.down_proj(self.act_fn(gate_up))
         return out
@@ -148,6 +150,7 @@ class BaichuanAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Attend over this rank's heads; the output projection sums the ranks."""
         qkv, _ = self.W_pack(hidden_states)
         q, k, v = qkv.chunk(3, dim=-1)
         if self.rotary_emb is not None:
@@ -161,7 +164,7 @@ class BaichuanDecoderLayer(nn.Module):
 
     def __init__(self, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config = cast(BaichuanConfig, vllm_config.model_config.hf_config)
         quant_config = vllm_config.quant_config
         self.self_attn = BaichuanAttention(
             config, vllm_config.cache_config, quant_config, f"{prefix}.self_attn"
@@ -176,6 +179,7 @@ class BaichuanDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the block's output and the residual stream (added by the next norm)."""
         # vLLM's RMSNorm adds the residual and normalizes in one step.
         if residual is None:
             residual = hidden_states
@@ -222,6 +226,7 @@ class BaichuanModel(nn.Module):
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (vocabulary-parallel)."""
         return self.embed_tokens(input_ids)
 
     def forward(
@@ -231,12 +236,14 @@ class BaichuanModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
+        """Final hidden states, or what the next pipeline stage needs."""
         pp = get_pp_group()
         residual: torch.Tensor | None
         if pp.is_first_rank:
-            hidden_states = (
-                inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-            )
+            if inputs_embeds is None:
+                assert input_ids is not None
+                inputs_embeds = self.embed_input_ids(input_ids)
+            hidden_states = inputs_embeds
             residual = None
         else:
             assert intermediate_tensors is not None
@@ -244,6 +251,7 @@ class BaichuanModel(nn.Module):
             residual = intermediate_tensors["residual"]
         for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states, residual = layer(positions, hidden_states, residual)
+        assert residual is not None
         if not pp.is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -264,6 +272,7 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         config.validate_architecture()
         self.config = config
         self.model = BaichuanModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self.lm_head: nn.Module
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
                 config.vocab_size,
@@ -277,6 +286,7 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (vocabulary-parallel)."""
         return self.model.embed_input_ids(input_ids)
 
     def forward(
@@ -286,9 +296,11 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
+        """Run this rank's part of the decoder."""
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary (gathered from the ranks)."""
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -314,10 +326,9 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
                     msg = f"unexpected tensor {name!r} in the checkpoint"
                     raise ValueError(msg)
                 param = params[param_name]
-                loader = getattr(param, "weight_loader", default_weight_loader)
                 if shard is None:
-                    loader(param, value)
+                    getattr(param, "weight_loader", default_weight_loader)(param, value)
                 else:
-                    loader(param, value, shard)
+                    cast(Any, param).weight_loader(param, value, shard)  # vLLM sets it
                 loaded.add(param_name)
         return loaded

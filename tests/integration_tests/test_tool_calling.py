@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.engines.base import Constraint
+from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.testing import make_tiny_checkpoint
 from langchain_baichuan2.tools import format_tools
 
@@ -228,10 +228,12 @@ def test_grammars_are_compiled_once_per_schema_set(llm):
     compiler = engine.grammar_compiler
     assert compiler is engine.grammar_compiler
     tools = tuple(format_tools([Order, ping]))
-    required, auto = Constraint("tools", tools=tools, choice="required"), Constraint(
-        "tools", tools=tools, choice="auto"
+    required, auto = (
+        Constraint("tools", tools=tools, choice="required"),
+        Constraint("tools", tools=tools, choice="auto"),
     )
-    assert compiler.compile(required) is compiler.compile(Constraint("tools", tools=tools, choice="required"))
+    same = Constraint("tools", tools=tools, choice="required")
+    assert compiler.compile(required) is compiler.compile(same)
     assert compiler.compile(required) is not compiler.compile(auto)
 
 

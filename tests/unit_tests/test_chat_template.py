@@ -19,7 +19,11 @@ from langchain_baichuan2.vllm_plugin import CHAT_TEMPLATE
 CONVERSATIONS = {
     "one user turn": [HumanMessage("What is 1 + 1?")],
     "system, chinese": [SystemMessage("你是助手。"), HumanMessage("温故而知新")],
-    "two leading systems": [SystemMessage("Be brief."), SystemMessage("Be kind."), HumanMessage("Hi")],
+    "two leading systems": [
+        SystemMessage("Be brief."),
+        SystemMessage("Be kind."),
+        HumanMessage("Hi"),
+    ],
     "later system is a user turn": [
         HumanMessage("Hi"),
         AIMessage("Hello!"),

