@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -15,24 +16,37 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import InvalidToolCall, ToolCallChunk, tool_call_chunk
+from langchain_core.messages.tool import (
+    InvalidToolCall,
+    ToolCallChunk,
+    invalid_tool_call,
+    tool_call_chunk,
+)
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+)
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import BitsAndBytesConfig
 
+from langchain_baichuan2.arguments import reject_unknown_arguments
 from langchain_baichuan2.engines import native
 from langchain_baichuan2.engines import vllm as vllm_engines
 from langchain_baichuan2.engines.base import (
@@ -122,6 +136,14 @@ class _Call:
     parse_tools: bool
 
 
+def _require_a_valid_call(message: AIMessage) -> AIMessage:
+    """Pass ``message`` on if it holds a tool call; raise naming why the call failed."""
+    if not message.tool_calls and message.invalid_tool_calls:
+        msg = f"The tool call is invalid: {message.invalid_tool_calls[0].get('error')}"
+        raise OutputParserException(msg, llm_output=str(message.invalid_tool_calls[0]["args"]))
+    return message
+
+
 class _ChunkConverter:
     """Turns one call's engine chunks into LangChain chunks.
 
@@ -144,8 +166,12 @@ class _ChunkConverter:
             if piece.finish_reason is None and not piece.text:
                 return None
             if piece.finish_reason is not None:
-                piece.text += self.text_filter.flush()
+                held = self.text_filter.flush()
                 tool_chunks, invalid = self._tool_call_chunks()
+                if not self._forced_call_cut_short(tool_chunks, invalid):
+                    piece.text += held
+                else:  # the start of a forced call: the output is nothing but that call
+                    invalid = [self._cut_call(piece.finish_reason)]
                 if tool_chunks:
                     piece.finish_reason = "tool_calls"
         if piece.finish_reason is None:
@@ -162,6 +188,25 @@ class _ChunkConverter:
                 chunk_position="last",
             ),
             generation_info={"finish_reason": piece.finish_reason},
+        )
+
+    def _forced_call_cut_short(
+        self, calls: list[ToolCallChunk], invalid: list[InvalidToolCall]
+    ) -> bool:
+        """Whether a forced call ended before even its ``<tool_call>`` was complete."""
+        constraint = self.call.params.constraint
+        forced = (
+            constraint is not None and constraint.kind == "tools" and constraint.choice != "auto"
+        )
+        return forced and not calls and not invalid
+
+    def _cut_call(self, finish: str) -> InvalidToolCall:
+        """The unfinished start of a forced call, as an invalid call saying why."""
+        return invalid_tool_call(
+            name=None,
+            args="".join(self.raw),
+            id=f"call_{uuid.uuid4().hex[:24]}",
+            error=f"the forced tool call was cut off before it began (finish_reason={finish!r})",
         )
 
     def _tool_call_chunks(self) -> tuple[list[ToolCallChunk], list[InvalidToolCall]]:
@@ -381,6 +426,11 @@ class ChatBaichuan2(BaseChatModel):
 
     api_key: str | None = None
     """Accepted for compatibility with LangChain's standard arguments; unused locally."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_argument_names(cls, values: Any) -> Any:
+        return reject_unknown_arguments(cls, values)
 
     @model_validator(mode="after")
     def _check_sampling(self) -> ChatBaichuan2:
@@ -796,7 +846,7 @@ class ChatBaichuan2(BaseChatModel):
             llm = self.bind_tools(
                 [schema], tool_choice=tool_name, ls_structured_output_format=trace
             )
-            parser = (
+            parser = RunnableLambda(_require_a_valid_call) | (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)
                 if is_pydantic
                 else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from langchain_core.embeddings import Embeddings
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 from transformers import BitsAndBytesConfig
 
+from langchain_baichuan2.arguments import reject_unknown_arguments
 from langchain_baichuan2.loading import (
     LOAD_SETTINGS,
     LoadedModel,
@@ -34,7 +35,13 @@ _MODEL_FIELDS = ("model", *LOAD_SETTINGS, "show_progress")
 
 
 def _check_texts(texts: Sequence[Any]) -> list[str]:
-    """Return ``texts`` as a list, raising ``TypeError`` on the first item that is not a str."""
+    """Return ``texts`` as a list, raising ``TypeError`` on the first item that is not a str.
+
+    A single string is rejected too: as a sequence it would embed each character.
+    """
+    if isinstance(texts, str):
+        msg = f"texts must be a list of strings, got the string {texts!r:.60}; use [text]"
+        raise TypeError(msg)
     texts = list(texts)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
@@ -143,6 +150,11 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_argument_names(cls, values: Any) -> Any:
+        return reject_unknown_arguments(cls, values)
 
     model: str = Field(alias="model_name")
     """A local checkpoint folder, or a model id (``"baichuan-inc/Baichuan2-13B-Chat"``)."""

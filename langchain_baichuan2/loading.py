@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import sys
 import threading
 import zipfile
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from transformers import BitsAndBytesConfig, GenerationConfig
@@ -36,6 +37,8 @@ SOURCES: tuple[str, ...] = ("auto", "local", "modelscope", "huggingface")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Downloads never fetch the Python files that sit beside official checkpoints.
 _SKIP_PATTERNS = ["*.py", "*.pyc"]
+# What a hub model id may look like: one owner, one name, no path tricks.
+_MODEL_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 T = TypeVar("T")
@@ -177,6 +180,12 @@ def resolve_model_path(
         return path
     if source == "local" or path.is_absolute() or str(name).startswith("."):
         msg = f"Model folder {str(path)!r} does not exist"
+        raise CheckpointError(msg)
+    if not _MODEL_ID.fullmatch(str(name)) or ".." in str(name):
+        msg = (
+            f"{str(name)!r} is neither an existing folder nor a model id of the form "
+            "'owner/name' (such as 'baichuan-inc/Baichuan2-7B-Chat')"
+        )
         raise CheckpointError(msg)
     return _download(str(name), revision, source)
 
@@ -392,8 +401,9 @@ def _load(
     )
     device_map = device_map or ("cuda" if on_gpu else "cpu")
     try:
-        model = BaichuanForCausalLM.from_pretrained(
+        loaded_with_info = BaichuanForCausalLM.from_pretrained(
             **weights,
+            output_loading_info=True,
             dtype=torch_dtype,
             device_map=device_map,
             quantization_config=bnb_config,
@@ -404,6 +414,8 @@ def _load(
     except Exception as e:
         msg = f"Could not load the weights in {folder}: {type(e).__name__}: {e}"
         raise CheckpointError(msg) from e
+    model, info = cast(tuple[BaichuanForCausalLM, dict[str, Any]], loaded_with_info)
+    _check_every_weight_loaded(info, folder)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and quantizer.pre_quantized:
         # transformers 5.24 cannot reverse its bitsandbytes deserializer, so save_pretrained
@@ -423,6 +435,30 @@ def _load(
     footprint = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in loaded.memory_footprint.items())
     logger.info("Loaded Baichuan2 from %s on %s (%s)", folder, device_map, footprint)
     return loaded
+
+
+def _check_every_weight_loaded(info: Mapping[str, Any], folder: Path) -> None:
+    """Raise when the files lack a weight the model has, or hold one it does not.
+
+    transformers fills missing weights with random values and only reports them; a
+    model with random parts must not load.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if not missing and not unexpected:
+        return
+    files = ", ".join(path.name for path in _weight_files(folder))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:8])}")
+    msg = (
+        f"The weights in {folder} ({files}) do not match config.json: "
+        + "; ".join(problems)
+        + ("..." if len(missing) > 8 or len(unexpected) > 8 else "")
+    )
+    raise CheckpointError(msg)
 
 
 def _normalize_head_from_file(model: BaichuanForCausalLM, folder: Path) -> None:

@@ -77,6 +77,7 @@ _TEMPLATES: dict[Language, dict[str, str]] = {
 }
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_TOOL_NAME = re.compile(r"[\w.-]{1,64}")
 _CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 
@@ -89,8 +90,28 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """Convert any tool form LangChain accepts to OpenAI-style function definitions.
 
     Accepts ``BaseTool``, functions, pydantic models, TypedDicts and JSON-schema dicts.
+    A tool whose name could break the call markup (anything but letters, digits,
+    ``_``, ``.`` and ``-``, at most 64) or whose parameters are not a JSON object
+    schema raises ``ValueError``.
     """
-    return [convert_to_openai_tool(t) for t in tools]
+    formatted = [convert_to_openai_tool(t) for t in tools]
+    for tool in formatted:
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            msg = (
+                f"Tool name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' "
+                "or '-' (other text can break the tool-call markup)"
+            )
+            raise ValueError(msg)
+        parameters = function.get("parameters", {"type": "object"})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            msg = (
+                f"Tool {name!r} has parameters {parameters!r:.80}: they must be a JSON schema "
+                "of type 'object' (the call's arguments are a JSON object)"
+            )
+            raise ValueError(msg)
+    return formatted
 
 
 def normalize_tool_choice(tool_choice: Any, tool_names: Sequence[str]) -> ToolChoice:

@@ -364,9 +364,11 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> BaichuanForCausalLM:  # type: ignore[override]
         """Load weights as transformers does, then normalize the head rows once."""
-        model = super().from_pretrained(*args, **kwargs)
+        result = super().from_pretrained(*args, **kwargs)
+        # With output_loading_info=True transformers returns (model, info).
+        model = result[0] if isinstance(result, tuple) else result
         model.normalize_head()
-        return model
+        return result
 
     @torch.no_grad()
     def normalize_head(self) -> None:

@@ -249,6 +249,58 @@ def test_truncated_weights_file_is_named(request, tmp_path, fixture):
         load_model_and_tokenizer(folder)
 
 
+def rewrite_safetensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "lm_head.weight"])
+def test_a_missing_tensor_is_a_checkpoint_error_naming_it(tiny_13b, tmp_path, name):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    rewrite_safetensors(folder, lambda tensors: tensors.pop(name))
+    with pytest.raises(CheckpointError, match=f"missing 1 tensor.*{name}.*|{name}"):
+        load_model_and_tokenizer(folder)
+
+
+def test_an_empty_weights_file_is_a_checkpoint_error(tiny_13b, tmp_path):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    rewrite_safetensors(folder, lambda tensors: tensors.clear())
+    with pytest.raises(CheckpointError, match="missing .* tensor"):
+        load_model_and_tokenizer(folder)
+
+
+def test_more_layers_in_the_config_than_in_the_file_is_a_checkpoint_error(tiny_13b, tmp_path):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="model.layers.2.self_attn.W_pack.weight"):
+        load_model_and_tokenizer(folder)
+
+
+def test_an_extra_tensor_is_a_checkpoint_error_naming_it(tiny_13b, tmp_path):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    rewrite_safetensors(folder, lambda tensors: tensors.update(stray=torch.zeros(2)))
+    with pytest.raises(CheckpointError, match="unexpected tensor.*stray"):
+        load_model_and_tokenizer(folder)
+
+
+@pytest.mark.parametrize("name", ["baichuan-inc/../../etc", "a/b/c", "../x", "no-slash"])
+def test_a_model_id_with_path_tricks_is_rejected_before_any_download(name, monkeypatch):
+    from langchain_baichuan2 import loading
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(loading, "_download", no_download)
+    with pytest.raises(CheckpointError):
+        loading.resolve_model_path(name)
+
+
 def test_unknown_quantization_is_rejected(tiny_13b):
     with pytest.raises(ValueError, match="quantization must be '4bit', '8bit'"):
         load_model_and_tokenizer(tiny_13b, quantization="3bit")

@@ -249,3 +249,20 @@ def test_forced_calls_work_with_the_real_vocabulary(real_tokenizer_model, tmp_pa
     for seed in range(5):
         (call,) = bound.invoke("你好", seed=seed).tool_calls
         VALIDATORS[call["name"]](call["args"])
+
+
+def test_a_forced_call_cut_before_its_tag_is_an_invalid_call(tiny_7b):
+    class Point(BaseModel):
+        x: int
+
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=3)
+    structured = llm.with_structured_output(Point, method="function_calling", include_raw=True)
+    out = structured.invoke("Where?")
+    raw = out["raw"]
+    assert raw.content == ""
+    assert raw.tool_calls == []
+    (cut,) = raw.invalid_tool_calls
+    assert "<tool_call>".startswith(cut["args"]) and cut["args"]
+    assert "cut off" in cut["error"]
+    assert out["parsed"] is None
+    assert "invalid" in str(out["parsing_error"])

@@ -217,3 +217,21 @@ def test_length_bounds_apply_only_where_no_constraint_exists():
     )
     assert "minimum" not in bounded["properties"]["ratio"]
     assert bound_lengths(schema, None) is schema
+
+
+@pytest.mark.parametrize("name", ["bad</tool_call>name", 'quote"name', "two words", "x" * 65, ""])
+def test_tool_names_that_break_the_markup_are_rejected(name):
+    tool = {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+    with pytest.raises(ValueError, match="is not allowed"):
+        format_tools([tool])
+
+
+def test_tool_parameters_must_be_an_object_schema():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    with pytest.raises(ValueError, match="type 'object'"):
+        format_tools([tool])
+
+
+def test_unicode_tool_names_are_allowed():
+    tool = {"type": "function", "function": {"name": "查询天气", "parameters": {"type": "object"}}}
+    assert format_tools([tool])[0]["function"]["name"] == "查询天气"
