@@ -45,14 +45,18 @@ from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.prefix_cache import LayerKV, PrefixCache
 
-# Extra generate() arguments the engine applies, each as transformers' own processor.
-EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int]], LogitsProcessor]] = {
-    "min_new_tokens": lambda v, prompt_len, eos: MinNewTokensLengthLogitsProcessor(
-        prompt_len, int(v), sorted(eos)
+# Extra generate() arguments the engine applies, each as transformers' own processor,
+# built from (value, prompt length, eos ids, device): tensors they keep must live where
+# the logits are.
+EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int], str], LogitsProcessor]] = {
+    "min_new_tokens": lambda v, prompt_len, eos, device: MinNewTokensLengthLogitsProcessor(
+        prompt_len, int(v), sorted(eos), device=device
     ),
-    "no_repeat_ngram_size": lambda v, prompt_len, eos: NoRepeatNGramLogitsProcessor(int(v)),
-    "suppress_tokens": lambda v, prompt_len, eos: SuppressTokensLogitsProcessor(list(v)),
-    "bad_words_ids": lambda v, prompt_len, eos: NoBadWordsLogitsProcessor(
+    "no_repeat_ngram_size": lambda v, prompt_len, eos, device: NoRepeatNGramLogitsProcessor(int(v)),
+    "suppress_tokens": lambda v, prompt_len, eos, device: SuppressTokensLogitsProcessor(
+        list(v), device=device
+    ),
+    "bad_words_ids": lambda v, prompt_len, eos, device: NoBadWordsLogitsProcessor(
         [list(w) for w in v], sorted(eos)
     ),
 }
@@ -133,7 +137,9 @@ class _Row:
         self.prompt_seconds = 0.0
         self.started = time.perf_counter()
         self.processors = [
-            EXTRA_ARGUMENTS[name](value, len(request.prompt_ids), engine.eos_ids)
+            EXTRA_ARGUMENTS[name](
+                value, len(request.prompt_ids), engine.eos_ids, str(engine.device)
+            )
             for name, value in params.extra
         ]
         self.grammar = (
