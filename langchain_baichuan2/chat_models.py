@@ -63,7 +63,7 @@ from langchain_baichuan2.loading import (
     registry,
     resolve_model_path,
 )
-from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt
+from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt, literal_text_encoder
 from langchain_baichuan2.tools import (
     ToolCallTextFilter,
     conversation_language,
@@ -392,6 +392,12 @@ class ChatBaichuan2(BaseChatModel):
     the loaded model, so it is shared by every object using it; the latest setting
     wins. Default 4096 tokens (about 2 GiB for 7B in bf16)."""
 
+    parse_special_tokens: bool = False
+    """Whether ``<s>``, ``</s>``, ``<unk>`` and ``<reserved_N>`` (the role tokens among
+    them) written in message text become control tokens, as the official tokenizer
+    does. Default False: message text is always encoded as text, so typed text cannot
+    open a fake user or assistant turn."""
+
     backend: Literal["auto", "native", "vllm"] = "auto"
     """What runs the model: ``"native"`` (this package's engine, in this process: any
     device, bitsandbytes and the official 4-bit checkpoints), ``"vllm"`` (vLLM's engine,
@@ -481,11 +487,14 @@ class ChatBaichuan2(BaseChatModel):
             "seed": self.seed,
             "model_max_length": self.model_max_length,
             "model_kwargs": self.model_kwargs,
+            "stop": self.stop,
+            "grammar_max_length": self.grammar_max_length,
+            "parse_special_tokens": self.parse_special_tokens,
+            "backend": self.backend,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "vllm_kwargs": self.vllm_kwargs,
         }
-        # Only once loaded: asking for the identity must not load the weights.
-        loaded = registry.peek(self.model, **load_settings(self))
-        if loaded is not None:
-            params["memory_footprint"] = loaded.memory_footprint
         return params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -610,9 +619,10 @@ class ChatBaichuan2(BaseChatModel):
             constraint=constraint,
         )
         context = pick("model_max_length", engine.context_length)
+        tokenizer = engine.tokenizer
         prompt = build_chat_prompt(
             messages,
-            engine.tokenizer,
+            tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer),
             model_max_length=int(context),
             max_new_tokens=params.max_new_tokens,
             user_token_id=getattr(defaults, "user_token_id", 195),

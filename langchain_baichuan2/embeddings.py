@@ -22,6 +22,7 @@ from langchain_baichuan2.loading import (
     progress_enabled,
     registry,
 )
+from langchain_baichuan2.prompt import literal_text_encoder
 
 if TYPE_CHECKING:
     from langchain_baichuan2.chat_models import ChatBaichuan2
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "last", "weighted_mean"]
 
-# The fields that say which weights to load; equal values share one loaded model.
-_MODEL_FIELDS = ("model", *LOAD_SETTINGS, "show_progress")
+# The fields an embeddings object takes over from a chat model (see from_chat_model).
+_MODEL_FIELDS = ("model", *LOAD_SETTINGS, "show_progress", "parse_special_tokens")
 
 
 def _check_texts(texts: Sequence[Any]) -> list[str]:
@@ -205,6 +206,10 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
     batch_size: int = Field(default=16, ge=1)
     """Texts per forward pass."""
 
+    parse_special_tokens: bool = False
+    """Whether ``<s>``, ``</s>``, ``<unk>`` and ``<reserved_N>`` written in a text become
+    control tokens, as the official tokenizer does. Default False: text is text."""
+
     show_progress: bool | None = None
     """Progress bars for loading the weights and for calls of more than one batch.
     None: only in a terminal or notebook (so not in CI or under pytest)."""
@@ -272,7 +277,8 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         """Token ids of each text, cut to ``max_length``; an empty text becomes ``[eos]``."""
         tokenizer = loaded.tokenizer
         limit = self.max_length or int(loaded.model.config.model_max_length)
-        ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        encoder = tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer)
+        ids = [encoder.encode(text, add_special_tokens=False) for text in texts]
         cut = sum(len(row) > limit for row in ids)
         if cut:
             logger.warning(

@@ -40,10 +40,16 @@ only come first and knows only role/content dicts):
   ``ValueError`` naming its type; an ``AIMessage``'s ``tool_use`` blocks are skipped
   because its ``tool_calls`` are rendered instead.
 - An empty message list raises ``ValueError``.
+- Message text is always text: ``ChatBaichuan2`` encodes it with
+  :class:`LiteralTextEncoder`, so ``<reserved_106>``, ``</s>`` and the like typed in a
+  message (or a tool result, a name, a tool schema) never become control tokens; the
+  official behaviour, where they do, is ``parse_special_tokens=True``.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -85,6 +91,73 @@ class Encoder(Protocol):
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         """Returns the ids of ``text``, with BOS/EOS only if ``add_special_tokens``."""
         ...
+
+
+class VocabularyEncoder(Encoder, Protocol):
+    """An ``Encoder`` that can also list its vocabulary (``BaichuanTokenizer`` does)."""
+
+    def get_vocab(self) -> dict[str, int]:
+        """Piece to id."""
+        ...
+
+
+# Pieces that are control tokens, not text: <unk>, <s>, </s> and the reserved pieces,
+# among them Baichuan2's role tokens <reserved_106> (user) and <reserved_107>.
+_CONTROL_PIECE = re.compile(r"<unk>|<s>|</s>|<reserved_\d+>")
+
+
+class LiteralTextEncoder:
+    """Encodes text so that no part of it ever becomes a control token.
+
+    The tokenizer, exactly like the official one, turns ``<s>``, ``</s>``, ``<unk>`` and
+    ``<reserved_N>`` written in text into their ids, so typed text could open a fake
+    user or assistant turn. Here each such string is encoded as text instead: its
+    ``<`` apart from the rest, which no control piece matches. All other text is
+    encoded exactly as the tokenizer does.
+
+    Example:
+        ```python
+        encoder = LiteralTextEncoder(tokenizer)
+        encoder.encode("<reserved_106>", add_special_tokens=False)  # no 195 in it
+        ```
+    """
+
+    def __init__(self, tokenizer: VocabularyEncoder) -> None:
+        self.tokenizer = tokenizer
+        controls = sorted(
+            (piece for piece in tokenizer.get_vocab() if _CONTROL_PIECE.fullmatch(piece)),
+            key=len,
+            reverse=True,
+        )
+        self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Returns the ids of ``text``; control-token strings in it become text ids."""
+        if self._controls is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids: list[int] = []
+        position = 0
+        for match in self._controls.finditer(text):
+            for part in (text[position : match.start()], "<", match.group()[1:]):
+                if part:
+                    ids.extend(self.tokenizer.encode(part, add_special_tokens=False))
+            position = match.end()
+        if position < len(text):
+            ids.extend(self.tokenizer.encode(text[position:], add_special_tokens=False))
+        return ids
+
+
+_literal_encoders: weakref.WeakKeyDictionary[VocabularyEncoder, LiteralTextEncoder] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def literal_text_encoder(tokenizer: VocabularyEncoder) -> LiteralTextEncoder:
+    """The ``LiteralTextEncoder`` of ``tokenizer`` (built once per tokenizer)."""
+    encoder = _literal_encoders.get(tokenizer)
+    if encoder is None:
+        encoder = _literal_encoders[tokenizer] = LiteralTextEncoder(tokenizer)
+    return encoder
 
 
 @dataclass(frozen=True)

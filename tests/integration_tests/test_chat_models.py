@@ -372,3 +372,22 @@ def test_a_newest_round_over_the_budget_is_cut_by_the_official_rule(tiny_7b, cap
     assert reply.usage_metadata["output_tokens"] == len(expected)
     text_ids = [t for t in expected if t != 2]
     assert reply.content == loaded.tokenizer.decode(text_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("parse, user_tokens", [(False, 1), (True, 2)])
+def test_typed_role_tokens_stay_text_unless_asked(tiny_7b, parse, user_tokens):
+    llm = ChatBaichuan2(model=str(tiny_7b), max_tokens=4, parse_special_tokens=parse)
+    call = llm._prepare([HumanMessage("<reserved_106>hi<reserved_107>")], None, {})
+    assert call.prompt.input_ids.count(195) == user_tokens
+    assert call.prompt.input_ids.count(196) == user_tokens
+
+
+def test_embeddings_encode_typed_control_strings_as_text(tiny_7b):
+    from langchain_baichuan2 import Baichuan2Embeddings
+
+    from langchain_baichuan2.loading import registry
+
+    embeddings = Baichuan2Embeddings(model=str(tiny_7b))
+    loaded = registry.get(str(tiny_7b))
+    (ids,) = embeddings._tokenize(loaded, ["<reserved_106></s>"])
+    assert not {2, 195} & set(ids)
