@@ -446,6 +446,7 @@ class ChatBaichuan2(BaseChatModel):
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             max_new_tokens=self.max_tokens,
+            seed=self.seed,
         )
         backend = self._resolved_backend()
         wrong = self._vllm_settings() if backend == "native" else self._native_settings()
@@ -602,9 +603,7 @@ class ChatBaichuan2(BaseChatModel):
         }
         check_sampling_values(**sampling)  # on the values as given, before any conversion
         seed = pick("seed", None)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            msg = f"seed must be an integer, got {seed!r}"
-            raise ValueError(msg)
+        check_sampling_values(seed=seed)
         messages, constraint, parse_tools = self._constrain(messages, kwargs)
         extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
         params = SamplingParams(

@@ -64,7 +64,12 @@ class SamplingParams:
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
         )
+
+
+# Seeds must fit a signed 64-bit integer (torch and vLLM both take them as int64).
+SEED_LIMIT = 2**63
 
 
 def check_sampling_values(
@@ -74,14 +79,25 @@ def check_sampling_values(
     top_k: int | None = None,
     repetition_penalty: float | None = None,
     max_new_tokens: int | None = None,
+    seed: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first out-of-range sampling value."""
 
     def number(name: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            msg = f"{name} must be a number, got {value!r}"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            msg = f"{name} must be a finite number, got {value!r}"
             raise ValueError(msg)
         return float(value)
+
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT
+    ):
+        msg = f"seed must be an integer in [0, 2**63), got {seed!r}"
+        raise ValueError(msg)
 
     if temperature is not None and number("temperature", temperature) < 0:
         msg = f"temperature must be >= 0 (0 means greedy), got {temperature}"

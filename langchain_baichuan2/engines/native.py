@@ -315,6 +315,9 @@ class NativeEngine(Engine):
     def _compile(self, params: SamplingParams) -> Any:
         """Check a request's settings; return its compiled grammar (or None)."""
         check_extra_arguments(params.extra)
+        if params.top_k > self.vocab_size:
+            msg = f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}"
+            raise ValueError(msg)
         self._check_token_ids(params)
         return self.grammar_compiler.compile(params.constraint) if params.constraint else None
 
@@ -566,6 +569,7 @@ class NativeEngine(Engine):
             temperature,
             column([p.top_k for p in params], torch.long),
             column([p.top_p for p in params]),
+            failed,
         )
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
@@ -611,8 +615,14 @@ class NativeEngine(Engine):
         temperature: torch.Tensor,
         top_k: torch.Tensor,
         top_p: torch.Tensor,
+        failed: dict[int, Exception],
     ) -> torch.Tensor:
-        """Choose each row's next token: argmax for greedy rows, else sample."""
+        """Choose each row's next token: argmax for greedy rows, else sample.
+
+        Every operation is row-wise, so one row's extreme values (a temperature of
+        1e-45 overflowing its logits) can only spoil that row, which then goes into
+        ``failed`` instead of failing the batch.
+        """
         tokens = logits.argmax(dim=-1)
         sampled = temperature > 0
         if not bool(sampled.any()):
@@ -620,8 +630,17 @@ class NativeEngine(Engine):
         warped = logits / torch.where(sampled, temperature, 1.0)[:, None]
         probs = _filter_top_k_top_p(warped, top_k, top_p).softmax(dim=-1)
         for i, row in enumerate(rows):
-            if sampled[i]:
-                tokens[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
+            if not sampled[i] or i in failed:
+                continue
+            if not bool(torch.isfinite(probs[i]).all()):
+                params = row.request.params
+                failed[i] = ValueError(
+                    f"temperature={params.temperature} with repetition_penalty="
+                    f"{params.repetition_penalty} overflows the logits of this request: "
+                    "no valid probabilities to sample from"
+                )
+                continue
+            tokens[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
         return tokens
 
 

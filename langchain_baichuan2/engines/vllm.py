@@ -130,6 +130,9 @@ class VllmEngine(Engine):
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
         check_extra_arguments(params.extra)
+        if params.top_k > self.vocab_size:
+            msg = f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}"
+            raise ValueError(msg)
         structured = (
             StructuredOutputsParams(grammar=str(build_grammar(params.constraint)))
             if params.constraint is not None
