@@ -425,14 +425,14 @@ class NativeEngine(Engine):
 
     # -- the worker ---------------------------------------------------------------------
 
-    def _take_waiting(self, block: bool) -> list[_Request] | None:
+    def _take_waiting(self, block: bool) -> tuple[list[_Request], bool]:
         """Take the queued requests; when idle, wait for one and for announced ones.
 
-        Returns None when the engine is shutting down.
+        Returns the requests and whether the shutdown marker was among them.
         """
-        requests = []
+        items: list[Any] = []
         if block:
-            requests.append(self._inbox.get())
+            items.append(self._inbox.get())
             deadline = time.monotonic() + self.GATHER_TIMEOUT
             with self._lock:
                 while any(g.remaining > 0 for g in self._gathers):
@@ -442,59 +442,83 @@ class NativeEngine(Engine):
                     self._lock.wait(left)
         while True:
             try:
-                requests.append(self._inbox.get_nowait())
+                items.append(self._inbox.get_nowait())
             except queue.Empty:
-                return None if _SHUTDOWN in requests else requests
+                break
+        requests = [item for item in items if item is not _SHUTDOWN]
+        return requests, len(requests) < len(items)
 
     def _serve(self) -> None:
         """Continuous batching: new requests join the running batch between steps.
 
         An error in one request's prefill reaches that caller; an error in a decode
         step, or an unexpected one (say, out of memory while joining the batch), ends
-        the batch with that error for every caller in it. The worker goes on serving.
+        the batch with that error for every caller in it. The worker goes on serving
+        until it takes the shutdown marker; whenever it stops, every request it holds
+        or that is still queued is answered.
         """
         batch: _Batch | None = None
-        while (requests := self._take_waiting(block=batch is None)) is not None:
-            try:
-                for request in requests:
-                    if request.cancelled.is_set():
-                        continue
-                    try:
-                        row, ids, cache, logits = self._prefill(request)
-                    except Exception as e:  # this caller must see it; the others go on
+        try:
+            while True:
+                requests, stopping = self._take_waiting(block=batch is None)
+                if stopping:
+                    for request in requests:
+                        request.send(RuntimeError("The Baichuan2 engine was shut down"))
+                    return
+                try:
+                    for request in requests:
+                        if request.cancelled.is_set():
+                            continue
+                        try:
+                            row, ids, cache, logits = self._prefill(request)
+                        except Exception as e:  # this caller must see it; the others go on
+                            request.send(e)
+                            continue
+                        if batch is None:
+                            batch = _Batch(row, ids, cache, logits)
+                        else:
+                            batch.add(row, ids, cache, logits)
+                    if batch is not None:
+                        self._step(batch)
+                except BaseException as e:  # every caller in the batch must see it
+                    for row in batch.rows if batch is not None else []:
+                        row.request.send(e)
+                    for request in requests:
                         request.send(e)
-                        continue
-                    if batch is None:
-                        batch = _Batch(row, ids, cache, logits)
-                    else:
-                        batch.add(row, ids, cache, logits)
-                if batch is not None:
-                    self._step(batch)
-            except BaseException as e:  # every caller in the batch must see it
-                for row in batch.rows if batch is not None else []:
-                    row.request.send(e)
-                for request in requests:
-                    request.send(e)
-                batch = None
-            if batch is not None and not batch.rows:
-                batch = None
-        for row in batch.rows if batch is not None else []:
-            row.request.send(RuntimeError("The Baichuan2 engine was shut down"))
+                    batch = None
+                if batch is not None and not batch.rows:
+                    batch = None
+        finally:
+            stopped = RuntimeError("The Baichuan2 engine was shut down")
+            for row in batch.rows if batch is not None else []:
+                row.request.send(stopped)
+            self._answer_queued(stopped)
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the worker; callers still waiting get an error saying so."""
-        with self._lock:
-            self._closed = True
-        if self._worker is not None and self._worker.is_alive():
-            self._inbox.put(_SHUTDOWN)  # type: ignore[arg-type]
-            self._worker.join(timeout)
+    def _answer_queued(self, error: BaseException) -> None:
+        """Answer every request still in the inbox with ``error``."""
         while True:
             try:
-                request = self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(request, _Request):
-                request.send(RuntimeError("The Baichuan2 engine was shut down"))
+            if isinstance(item, _Request):
+                item.send(error)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the worker; every request not yet answered gets an error saying so.
+
+        If the worker is still busy after ``timeout`` seconds, it stops (and answers
+        everyone) as soon as its current step ends.
+        """
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._inbox.put(_SHUTDOWN)  # type: ignore[arg-type]
+            worker.join(timeout)
+            if worker.is_alive():
+                return  # it reaches the marker after its step and answers the rest
+        self._answer_queued(RuntimeError("The Baichuan2 engine was shut down"))
 
     def _kv_cache(self, kv: LayerKV | None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
