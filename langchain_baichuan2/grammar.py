@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
 
@@ -72,24 +73,46 @@ def build_grammar(constraint: Constraint) -> xgr.Grammar:
 
 
 class GrammarCompiler:
-    """Compiles and caches grammars for one tokenizer and vocabulary size."""
+    """Compiles grammars for one tokenizer and vocabulary size; keeps the recent ones.
+
+    Different constraints compile in parallel; callers asking for the same one wait
+    for a single compile. The ``CACHE_SIZE`` most recently used grammars are kept.
+    """
+
+    CACHE_SIZE = 64
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> None:
         self.info = tokenizer_info(tokenizer, vocab_size, eos_token_id)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=2)
-        self._cache: dict[str, xgr.CompiledGrammar] = {}
-        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._compiling: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()  # guards the two dicts, never held while compiling
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
-        """The compiled grammar of ``constraint``, compiled once per distinct one."""
+        """The compiled grammar of ``constraint`` (compiled once while it stays cached)."""
         key = json.dumps(asdict(constraint), sort_keys=True)
-        with self._lock:
-            grammar = self._cache.get(key)
-            if grammar is None:
-                grammar = self._cache[key] = self._compiler.compile_grammar(
-                    build_grammar(constraint)
-                )
-            return grammar
+        while True:
+            with self._lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+                key_lock = self._compiling.setdefault(key, threading.Lock())
+            with key_lock:
+                with self._lock:
+                    if key in self._cache or self._compiling.get(key) is not key_lock:
+                        continue  # compiled meanwhile: take it from the cache
+                try:
+                    grammar = self._compiler.compile_grammar(build_grammar(constraint))
+                except BaseException:
+                    with self._lock:
+                        del self._compiling[key]
+                    raise
+                with self._lock:
+                    self._cache[key] = grammar
+                    del self._compiling[key]
+                    while len(self._cache) > self.CACHE_SIZE:
+                        self._cache.popitem(last=False)
+                return grammar
 
 
 def _literal(text: str) -> xgr.Grammar:

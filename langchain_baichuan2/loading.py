@@ -61,18 +61,23 @@ class LoadedModel:
     generation_config: GenerationConfig
     path: Path
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    """Held around every forward pass; nothing else waits on it."""
     _shared: dict[str, Any] = field(default_factory=dict, repr=False)
+    _shared_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def shared(self, name: str, build: Callable[[], T]) -> T:
-        """The one ``name`` object serving this model (engine, grammar compiler), built once."""
-        with self.lock:
+        """The one ``name`` object serving this model (engine, grammar compiler), built once.
+
+        Building never waits for a forward pass (its lock is not the model's).
+        """
+        with self._shared_lock:
             if name not in self._shared:
                 self._shared[name] = build()
             return self._shared[name]
 
     def close(self) -> None:
         """Shut down what serves this model (its engine's worker thread)."""
-        with self.lock:
+        with self._shared_lock:
             services, self._shared = list(self._shared.values()), {}
         for service in services:
             if hasattr(service, "shutdown"):

@@ -266,3 +266,29 @@ def test_a_forced_call_cut_before_its_tag_is_an_invalid_call(tiny_7b):
     assert "cut off" in cut["error"]
     assert out["parsed"] is None
     assert "invalid" in str(out["parsing_error"])
+
+
+def test_the_grammar_cache_is_bounded_and_keeps_the_recent_ones(llm):
+    compiler = engine_for(llm.loaded_model()).grammar_compiler
+    schemas = [
+        Constraint("json", schema={"type": "object", "properties": {f"k{i}": {"type": "integer"}}})
+        for i in range(compiler.CACHE_SIZE + 6)
+    ]
+    compiled = [compiler.compile(schema) for schema in schemas]
+    assert len(compiler._cache) == compiler.CACHE_SIZE
+    assert compiler.compile(schemas[-1]) is compiled[-1]
+    assert compiler.compile(schemas[0]) is not compiled[0]  # evicted, compiled again
+
+
+def test_building_shared_services_never_waits_for_a_forward_pass(tiny_7b):
+    import threading
+
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=4)
+    loaded = llm.loaded_model()
+    loaded.close()  # a fresh engine and grammar compiler must be built below
+    built = threading.Event()
+    with loaded.lock:  # as the worker holds it during a forward pass
+        thread = threading.Thread(target=lambda: (engine_for(loaded).grammar_compiler, built.set()))
+        thread.start()
+        assert built.wait(10), "building the grammar compiler waited for the model lock"
+    thread.join()
