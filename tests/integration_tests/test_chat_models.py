@@ -384,7 +384,6 @@ def test_typed_role_tokens_stay_text_unless_asked(tiny_7b, parse, user_tokens):
 
 def test_embeddings_encode_typed_control_strings_as_text(tiny_7b):
     from langchain_baichuan2 import Baichuan2Embeddings
-
     from langchain_baichuan2.loading import registry
 
     embeddings = Baichuan2Embeddings(model=str(tiny_7b))
