@@ -1,4 +1,4 @@
-"""Command line: ``python -m langchain_baichuan2 chat|demo``.
+"""Command line: ``baichuan2 chat|demo`` (or ``python -m langchain_baichuan2 chat|demo``).
 
 ``chat`` is a streaming multi-turn REPL like the official ``cli_demo.py``: ``clear``
 forgets the history, ``exit`` quits, Ctrl-C stops the answer being written (not the
@@ -69,7 +69,10 @@ def run_demo(folder: Path | None = None, variant: str = "7b") -> None:
 
     from langchain_baichuan2.testing import make_tiny_checkpoint
 
-    folder = folder or Path(tempfile.mkdtemp(prefix="baichuan2-demo-"))
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="baichuan2-demo-") as temporary:
+            run_demo(Path(temporary), variant)  # the folder is removed afterwards
+        return
     print(f"Writing a tiny random {variant} checkpoint to {folder} ...")
     make_tiny_checkpoint(folder, variant)  # type: ignore[arg-type]
     print("Note: the weights are random, so the text below is random too.\n")
@@ -92,7 +95,7 @@ def run_demo(folder: Path | None = None, variant: str = "7b") -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the chosen command."""
-    parser = argparse.ArgumentParser(prog="python -m langchain_baichuan2")
+    parser = argparse.ArgumentParser(prog="baichuan2")
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="streaming multi-turn chat in the terminal")
     chat.add_argument("--model", required=True, help="local folder or model id")
@@ -112,15 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         run_demo(args.dir, args.variant)
         return 0
-    llm = ChatBaichuan2(
-        model=args.model,
-        revision=args.revision,
-        source=args.source,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-    )
+    try:
+        llm = ChatBaichuan2(
+            model=args.model,
+            revision=args.revision,
+            source=args.source,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+        )
+        print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
+        llm.engine()  # load now, not at the first question
+    except KeyboardInterrupt:
+        print("\nInterrupted while loading.", file=sys.stderr)
+        return 130
+    except Exception as e:  # any load failure: one clear line, no traceback
+        reason = " ".join(str(e).split())
+        print(f"error: could not load {args.model!r}: {reason}", file=sys.stderr)
+        return 1
     run_chat(llm)
     return 0
 

@@ -303,7 +303,7 @@ def test_bad_parameters_are_rejected_at_construction(kwargs, message):
         ({"max_tokens": 4096}, "leaves no room for the prompt"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
         ({"top_k": 2.7}, "top_k must be an integer"),
-        ({"repetition_penalty": "x"}, "repetition_penalty must be a number"),
+        ({"repetition_penalty": "x"}, "repetition_penalty must be a finite number"),
         ({"seed": "abc"}, "seed must be an integer"),
         ({"max_new_tokens": 5}, "Unknown call argument"),
         ({"stop": "ab"}, "stop must be a list of strings"),

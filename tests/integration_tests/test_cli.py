@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
@@ -66,3 +67,45 @@ def test_quickstart_example_runs_with_demo_flag():
     )
     assert result.returncode == 0, result.stderr
     assert "温故而知新" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [("/nonexistent/folder", "does not exist"), ("baichuan-inc/../../etc", "model id")],
+)
+def test_a_load_failure_is_one_clear_line_and_a_nonzero_exit(model, reason, capsys):
+    assert main(["chat", "--model", model]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: could not load {model!r}:")
+    assert reason in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_a_folder_that_is_not_a_model_is_named(tmp_path, capsys):
+    assert main(["chat", "--model", str(tmp_path)]) == 1
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_the_demo_removes_its_temporary_checkpoint(monkeypatch, capsys):
+    import tempfile
+    from pathlib import Path
+
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    assert main(["demo"]) == 0
+    assert made and not Path(made[0].name).exists()
+
+
+def test_the_console_script_is_declared():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["baichuan2"] == "langchain_baichuan2.__main__:main"
