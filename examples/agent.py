@@ -15,10 +15,16 @@ import operator
 import tempfile
 from datetime import date
 
-from langchain.agents import create_agent
 from langchain_core.tools import tool
 
 from langchain_baichuan2 import ChatBaichuan2
+
+try:
+    from langchain.agents import create_agent
+except ImportError:  # one clear line instead of a traceback
+    raise SystemExit(
+        'examples/agent.py needs LangChain\'s agents: pip install -e ".[agents]"'
+    ) from None
 
 _OPERATORS = {
     ast.Add: operator.add,

@@ -4,7 +4,7 @@ Bundled Chinese and English documents are embedded with ``Baichuan2Embeddings``
 (sharing the chat model's weights), indexed in a local FAISS index, retrieved for a
 question, and answered by ``ChatBaichuan2`` through an LCEL chain, streamed.
 
-pip install "langchain-baichuan2[rag]"                   # adds faiss-cpu
+pip install -e ".[rag]"      # from a clone; adds faiss-cpu
 python examples/rag.py                                   # baichuan-inc/Baichuan2-7B-Chat
 python examples/rag.py --question "What is retrieval-augmented generation?"
 python examples/rag.py --model /path/to/Baichuan2-13B-Chat --quantization 4bit
@@ -58,7 +58,7 @@ class FaissVectorStore(VectorStore):
         try:
             import faiss
         except ImportError as e:
-            msg = 'FAISS is not installed: pip install "langchain-baichuan2[rag]"'
+            msg = 'FAISS is not installed: pip install -e ".[rag]" (in a clone of this package)'
             raise ImportError(msg) from e
         self._faiss = faiss
         self._embedding = embedding

@@ -390,10 +390,13 @@ def _load(
     bnb_config = quantization_config(quantization, torch_dtype)
     folder = resolve_model_path(name, revision=revision, source=source)
     config = check_checkpoint(folder)
-    # Imported here: legacy_4bit builds on this module's errors and shapes.
-    from langchain_baichuan2.legacy_4bit import read_legacy_4bit
+    legacy_state = None
+    if getattr(config, "quantization_config", None) is not None:
+        # Imported only for quantized checkpoints (bitsandbytes is slow to import and
+        # warns on every run), and here: legacy_4bit builds on this module's errors.
+        from langchain_baichuan2.legacy_4bit import read_legacy_4bit
 
-    legacy_state = read_legacy_4bit(_weight_files(folder), config)
+        legacy_state = read_legacy_4bit(_weight_files(folder), config)
     weights: dict[str, object] = (
         {"pretrained_model_name_or_path": folder}
         if legacy_state is None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -343,6 +345,18 @@ class BaichuanModel(BaichuanPreTrainedModel):
         )
 
 
+def _is_legacy_4bit_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a Chat-4bits release (4-bit config, one ``.bin`` file)."""
+    config = folder / "config.json"
+    if not config.is_file() or not (folder / "pytorch_model.bin").is_file():
+        return False
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return bool(quantization.get("load_in_4bit"))
+
+
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     """Baichuan2 with its language-model head (NormHead: rows normalized at load).
 
@@ -364,6 +378,15 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> BaichuanForCausalLM:  # type: ignore[override]
         """Load weights as transformers does, then normalize the head rows once."""
+        folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if folder is not None and _is_legacy_4bit_folder(Path(folder)):
+            msg = (
+                f"{folder} is an official Chat-4bits checkpoint, saved by bitsandbytes 0.41 "
+                "in a layout transformers cannot read; load it with "
+                "langchain_baichuan2.loading.load_model_and_tokenizer (or ChatBaichuan2), "
+                "which converts it"
+            )
+            raise ValueError(msg)
         result = super().from_pretrained(*args, **kwargs)
         # With output_loading_info=True transformers returns (model, info).
         model = result[0] if isinstance(result, tuple) else result

@@ -233,15 +233,30 @@ def test_footprint_is_logged_once_and_counts_packed_weights(legacy_13b, caplog):
     assert "float32" in loaded.memory_footprint  # nested scales, offsets and code tables
 
 
-def test_identifying_params_show_the_footprint_only_once_loaded(legacy_13b, tmp_path):
+def test_identifying_params_stay_the_same_once_loaded(legacy_13b, tmp_path):
     folder = Path(shutil.copytree(legacy_13b, tmp_path / "ckpt"))
     llm = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=2)
-    assert "memory_footprint" not in llm._identifying_params
+    before = dict(llm._identifying_params)
     assert registry.peek(folder) is None  # asking did not load it
     llm.invoke("hi")
-    footprint = llm._identifying_params["memory_footprint"]
-    assert footprint == registry.get(folder).memory_footprint
-    assert footprint["uint8"] > 0
+    assert llm._identifying_params == before  # LangChain's cache key does not change
+    assert registry.get(folder).memory_footprint["uint8"] > 0
+
+
+def test_norms_stored_in_fp32_beside_bf16_weights_load_and_run(legacy_13b, tmp_path):
+    folder = Path(shutil.copytree(legacy_13b, tmp_path / "ckpt"))
+    path = folder / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if "layernorm" in name or name == "model.norm.weight":
+                state[name] = value.float()
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                state[name] = value.bfloat16()
+    torch.save(state, path)
+    for dtype in ("float32", "bfloat16"):
+        llm = ChatBaichuan2(model=str(folder), dtype=dtype, temperature=0, max_tokens=3)
+        assert llm.invoke("hi").usage_metadata["output_tokens"] >= 1
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -313,3 +328,10 @@ def test_the_file_is_unpickled_with_weights_only(legacy_13b, tmp_path):
         opcodes = [arg for _, arg, _ in pickletools.genops(archive.read(name)) if arg]
     # getattr(pathlib.Path, "touch") is what unpickling would have called.
     assert {"__builtin__ getattr", "pathlib Path", "touch"} <= set(map(str, opcodes))
+
+
+def test_auto_classes_name_the_loader_for_an_official_4bit_folder(legacy_13b):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="Chat-4bits checkpoint.*load_model_and_tokenizer"):
+        AutoModelForCausalLM.from_pretrained(legacy_13b)

@@ -359,3 +359,16 @@ def test_a_tokenizer_that_does_not_fit_the_weights_is_rejected(tiny_13b, tmp_pat
     model.save_pretrained(folder)
     with pytest.raises(CheckpointError, match="tokenizer does not belong"):
         load_model_and_tokenizer(folder)
+
+
+def test_an_unquantized_load_does_not_import_bitsandbytes(tiny_7b):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from langchain_baichuan2.loading import load_model_and_tokenizer\n"
+        f"load_model_and_tokenizer({str(tiny_7b)!r})\n"
+        "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
