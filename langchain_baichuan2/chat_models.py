@@ -388,9 +388,11 @@ class ChatBaichuan2(BaseChatModel):
     prefix_cache_tokens: int = Field(default=4096, ge=0)
     """Token budget for reusing the KV cache of recent prompts: a prompt that starts
     like a cached one prefills only the rest (chat histories, agent transcripts).
-    Least recently used entries are evicted; 0 disables reuse. The store belongs to
-    the loaded model, so it is shared by every object using it; the latest setting
-    wins. Default 4096 tokens (about 2 GiB for 7B in bf16)."""
+    Least recently used entries are evicted; 0 keeps this object's calls out of the
+    store (they neither read nor add to it). The store belongs to the loaded model and
+    is shared by every object using it, sized by the largest budget any of them set.
+    With ``backend="vllm"``, vLLM's own prefix cache is used (sized by its KV memory).
+    Default 4096 tokens (about 2 GiB for 7B in bf16)."""
 
     parse_special_tokens: bool = False
     """Whether ``<s>``, ``</s>``, ``<unk>`` and ``<reserved_N>`` (the role tokens among
@@ -550,18 +552,31 @@ class ChatBaichuan2(BaseChatModel):
         usable = torch.cuda.is_available() and vllm_engines.vllm_available()
         return "vllm" if usable else "native"
 
+    def unload(self) -> bool:
+        """Free the model this object runs on (its engine stops; memory is released).
+
+        Every object sharing the model loses it too; the next call loads it again.
+        Returns whether anything was loaded. (Ollama's ``keep_alive=0``, done by hand.)
+        """
+        if self._resolved_backend() == "native":
+            return registry.unload(self.model, **load_settings(self))
+        folder = resolve_model_path(self.model, revision=self.revision, source=self.source)
+        return vllm_engines.shutdown_vllm_engine(folder, **self._vllm_settings_values())
+
+    def _vllm_settings_values(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "vllm_kwargs": self.vllm_kwargs,
+        }
+
     def engine(self, model: str | None = None) -> Engine:
         """Return the shared engine that runs this object's calls (started on first use)."""
         if self._resolved_backend() == "native":
             return native.engine_for(self.loaded_model(model))
         folder = resolve_model_path(model or self.model, revision=self.revision, source=self.source)
-        return vllm_engines.vllm_engine_for(
-            folder,
-            dtype=self.dtype,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            vllm_kwargs=self.vllm_kwargs,
-        )
+        return vllm_engines.vllm_engine_for(folder, **self._vllm_settings_values())
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
         """Construction-time stops plus per-call stops, without duplicates."""
@@ -616,6 +631,7 @@ class ChatBaichuan2(BaseChatModel):
             stop=self._stops(stop),
             extra=tuple(extra.items()),
             constraint=constraint,
+            reuse_prefix=self.prefix_cache_tokens > 0,
         )
         context = pick("model_max_length", engine.context_length)
         tokenizer = engine.tokenizer

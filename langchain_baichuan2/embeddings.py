@@ -232,6 +232,13 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         """Return the shared loaded model (loading it on first use)."""
         return registry.get(self.model, show_progress=self.show_progress, **load_settings(self))
 
+    def unload(self) -> bool:
+        """Free the loaded model (shared with chat models configured alike).
+
+        The next call loads it again. Returns whether it was loaded.
+        """
+        return registry.unload(self.model, **load_settings(self))
+
     @property
     def dimension(self) -> int:
         """Length of every vector: the model's hidden size (loads the model if needed)."""

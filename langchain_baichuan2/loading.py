@@ -544,7 +544,8 @@ class ModelRegistry:
             where,
             settings.get("revision"),
             settings.get("source", "auto"),
-            str(settings.get("dtype", "auto")),
+            # "auto" and the dtype it resolves to are the same weights.
+            str(resolve_dtype(settings.get("dtype", "auto"), on_gpu=torch.cuda.is_available())),
             device,
             quant,
         )
@@ -573,6 +574,18 @@ class ModelRegistry:
     def peek(self, name: str | Path, **settings: Any) -> LoadedModel | None:
         """Return the shared model for these settings if it is loaded; never loads it."""
         return self._models.get(self.key(name, settings))
+
+    def unload(self, name: str | Path, **settings: Any) -> bool:
+        """Forget the model loaded for these settings and stop its engine.
+
+        Its memory is freed once no object holds it any more. Returns whether one was
+        loaded.
+        """
+        with self._guard:
+            loaded = self._models.pop(self.key(name, settings), None)
+        if loaded is not None:
+            loaded.close()
+        return loaded is not None
 
     def clear(self) -> None:
         """Forget every loaded model and stop its engine (freed once nothing holds it)."""

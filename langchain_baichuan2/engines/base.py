@@ -56,6 +56,8 @@ class SamplingParams:
     which it supports."""
     constraint: Constraint | None = None
     """A constraint the output must follow (tool calls, JSON)."""
+    reuse_prefix: bool = True
+    """Whether this request may read and add to the engine's prefix cache."""
 
     def __post_init__(self) -> None:
         check_sampling_values(
@@ -243,7 +245,11 @@ class Engine(ABC):
 
     @abstractmethod
     def set_prefix_cache_tokens(self, tokens: int) -> None:
-        """Budget (in tokens) for reusing the KV cache of earlier prompts; 0 disables."""
+        """Ask for a prefix-cache budget (in tokens); the largest asked for applies.
+
+        Users of one engine never shrink each other's cache; a request that must not
+        use it says so itself (``SamplingParams.reuse_prefix``).
+        """
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -355,8 +355,9 @@ class NativeEngine(Engine):
         )
 
     def set_prefix_cache_tokens(self, tokens: int) -> None:
-        """Resize the store of reusable prompt KV caches (least recently used go first)."""
-        self.prefix_cache.resize(tokens)
+        """Grow the store of reusable prompt KV caches to ``tokens`` if it is smaller."""
+        if tokens > self.prefix_cache.budget_tokens:
+            self.prefix_cache.resize(tokens)
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """Reject token ids outside the vocabulary before they can reach a batch."""
@@ -531,7 +532,8 @@ class NativeEngine(Engine):
         """Run one prompt (reusing a cached prefix); return its row, ids, cache, logits."""
         row = _Row(request, self)
         prompt = request.prompt_ids
-        reused, prefix_kv = self.prefix_cache.lookup(prompt)
+        reuse = request.params.reuse_prefix
+        reused, prefix_kv = self.prefix_cache.lookup(prompt) if reuse else (0, None)
         ids = torch.tensor([prompt], device=self.device)
         cache = self._kv_cache(prefix_kv)
         with self.loaded.lock:
@@ -550,7 +552,8 @@ class NativeEngine(Engine):
             if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
                 torch.cuda.synchronize(logits.device)
             row.prompt_seconds = time.perf_counter() - start
-        self.prefix_cache.store(prompt, layer_kv(cache))
+        if reuse:
+            self.prefix_cache.store(prompt, layer_kv(cache))
         row.cached_tokens = reused
         row.started = time.perf_counter()
         return row, ids, cache, logits
@@ -611,7 +614,8 @@ class NativeEngine(Engine):
             if row.text.finish_reason is None:
                 keep.append(i)
                 continue
-            self.prefix_cache.store(*batch.row_kv(i))
+            if row.request.params.reuse_prefix:
+                self.prefix_cache.store(*batch.row_kv(i))
             row.request.send(row.summary())
         if len(keep) < len(rows):
             batch.keep(keep)

@@ -89,7 +89,6 @@ class VllmEngine(Engine):
         self.context_length = config.model_max_length
         self.vocab_size = config.vocab_size
         self.eos_ids = eos_ids_of(self.generation_config)
-        self._skip_prefix_cache = False
         torch_dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
         args = {
             "model": str(folder),
@@ -149,7 +148,7 @@ class VllmEngine(Engine):
             structured_outputs=structured,
             detokenize=False,  # our own detokenizing: the same text as the native engine
             output_kind=RequestOutputKind.DELTA,
-            skip_reading_prefix_cache=self._skip_prefix_cache,
+            skip_reading_prefix_cache=not params.reuse_prefix,
             min_tokens=int(dict(params.extra).get("min_new_tokens", 0)),
         )
 
@@ -248,8 +247,7 @@ class VllmEngine(Engine):
             future.cancel()
 
     def set_prefix_cache_tokens(self, tokens: int) -> None:
-        """0 stops requests from reading vLLM's prefix cache; vLLM sizes the cache itself."""
-        self._skip_prefix_cache = tokens == 0
+        """Nothing to set: vLLM sizes its prefix cache from its KV-cache memory."""
 
     def running_requests(self) -> int:
         """Requests vLLM is still working on (for checks and monitoring)."""
@@ -290,13 +288,7 @@ def vllm_engine_for(
             "machine (see the README for the CPU build), or use backend='native'"
         )
         raise ImportError(msg)
-    resolved = str(resolve_dtype(dtype, on_gpu=torch.cuda.is_available()))
-    key = json.dumps(
-        [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size]
-        + [vllm_kwargs],
-        sort_keys=True,
-        default=str,
-    )
+    key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
@@ -308,6 +300,40 @@ def vllm_engine_for(
                 vllm_kwargs=vllm_kwargs,
             )
         return engine
+
+
+def _engine_key(
+    folder: Path,
+    dtype: DType,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    vllm_kwargs: dict[str, Any],
+) -> str:
+    """The identity of an engine configuration (equal keys share one engine)."""
+    resolved = str(resolve_dtype(dtype, on_gpu=torch.cuda.is_available()))
+    return json.dumps(
+        [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size]
+        + [vllm_kwargs],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def shutdown_vllm_engine(
+    folder: Path,
+    *,
+    dtype: DType,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    vllm_kwargs: dict[str, Any],
+) -> bool:
+    """Stop the engine of this configuration, if one runs; return whether one did."""
+    key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
+    with _engines_lock:
+        engine = _engines.pop(key, None)
+    if engine is not None:
+        engine.shutdown()
+    return engine is not None
 
 
 def shutdown_vllm_engines() -> None:

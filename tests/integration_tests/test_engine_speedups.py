@@ -8,6 +8,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines.native import engine_for
+from langchain_baichuan2.testing import make_tiny_checkpoint
 
 SYSTEM = "You are a careful assistant who answers in short sentences. " * 3
 
@@ -57,14 +58,27 @@ def test_reuse_counts_the_shared_prefix_exactly(tiny_7b):
     assert second.usage_metadata["input_token_details"]["cache_read"] == len(system_ids) + 1
 
 
-def test_the_store_stays_within_a_small_budget(tiny_7b):
-    llm = chat(tiny_7b, prefix_cache_tokens=40)
+def test_the_store_stays_within_a_small_budget(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "own", "7b")  # no other object shares it
+    llm = chat(folder, prefix_cache_tokens=40)
     engine = engine_for(llm.loaded_model())
     for i in range(6):
         llm.invoke(f"question number {i} " * 3)
         assert engine.prefix_cache.stored_tokens <= 40
-    chat(tiny_7b, prefix_cache_tokens=0).invoke("hi")
-    assert engine.prefix_cache.stored_tokens == 0
+
+
+def test_an_object_without_reuse_neither_reads_nor_empties_the_shared_store(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "own", "7b")
+    with_reuse = chat(folder, prefix_cache_tokens=4096)
+    engine = engine_for(with_reuse.loaded_model())
+    with_reuse.invoke("a question that will be asked twice")
+    stored = engine.prefix_cache.stored_tokens
+    without = chat(folder, prefix_cache_tokens=0)
+    reply = without.invoke("a question that will be asked twice")
+    assert reply.usage_metadata["input_token_details"]["cache_read"] == 0
+    assert engine.prefix_cache.stored_tokens == stored  # not emptied, not added to
+    again = with_reuse.invoke("a question that will be asked twice")
+    assert again.usage_metadata["input_token_details"]["cache_read"] > 0
 
 
 def test_eight_concurrent_requests_each_equal_their_run_alone(tiny_7b):
@@ -157,3 +171,28 @@ def test_clearing_the_registry_stops_the_engine_and_frees_the_model(tmp_path):
     gc.collect()
     assert model() is None
     assert llm.invoke("hi").usage_metadata["output_tokens"] >= 1  # loads again on demand
+
+
+def test_unload_frees_the_model_and_the_next_call_loads_it_again(tmp_path):
+    from langchain_baichuan2.loading import load_settings, registry
+
+    folder = make_tiny_checkpoint(tmp_path / "own", "7b")
+    llm = chat(folder)
+    first = llm.invoke("hi").content
+    worker = engine_for(llm.loaded_model())._worker
+    assert llm.unload() is True
+    assert registry.peek(str(folder), **load_settings(llm)) is None
+    worker.join(10)
+    assert not worker.is_alive()
+    assert llm.unload() is False
+    assert llm.invoke("hi").content == first
+
+
+def test_auto_dtype_and_the_dtype_it_resolves_to_share_one_model(tiny_7b):
+    import torch
+
+    from langchain_baichuan2.loading import resolve_dtype
+
+    resolved = str(resolve_dtype("auto", on_gpu=torch.cuda.is_available())).removeprefix("torch.")
+    auto = chat(tiny_7b, dtype="auto").loaded_model()
+    assert chat(tiny_7b, dtype=resolved).loaded_model() is auto
