@@ -122,6 +122,7 @@ _CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
     "model_max_length",
     "model",
     "model_kwargs",
+    "timeout",
 }
 
 
@@ -426,14 +427,8 @@ class ChatBaichuan2(BaseChatModel):
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
 
     timeout: float | None = None
-    """Accepted for compatibility with LangChain's standard arguments; a local model
-    has no request timeout, so it is unused."""
-
-    max_retries: int | None = None
-    """Accepted for compatibility with LangChain's standard arguments; unused locally."""
-
-    api_key: str | None = None
-    """Accepted for compatibility with LangChain's standard arguments; unused locally."""
+    """Seconds a call may take in all (waiting, prompt and answer); past it the call is
+    stopped, its batch row freed, and ``TimeoutError`` raised. Default None: no limit."""
 
     @model_validator(mode="before")
     @classmethod
@@ -449,6 +444,7 @@ class ChatBaichuan2(BaseChatModel):
             repetition_penalty=self.repetition_penalty,
             max_new_tokens=self.max_tokens,
             seed=self.seed,
+            timeout=self.timeout,
         )
         backend = self._resolved_backend()
         wrong = self._vllm_settings() if backend == "native" else self._native_settings()
@@ -632,6 +628,7 @@ class ChatBaichuan2(BaseChatModel):
             extra=tuple(extra.items()),
             constraint=constraint,
             reuse_prefix=self.prefix_cache_tokens > 0,
+            timeout=pick("timeout", None),
         )
         context = pick("model_max_length", engine.context_length)
         tokenizer = engine.tokenizer

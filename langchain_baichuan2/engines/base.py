@@ -58,6 +58,9 @@ class SamplingParams:
     """A constraint the output must follow (tool calls, JSON)."""
     reuse_prefix: bool = True
     """Whether this request may read and add to the engine's prefix cache."""
+    timeout: float | None = None
+    """Seconds the whole request may take; then it is stopped and raises
+    ``TimeoutError``. None: no limit."""
 
     def __post_init__(self) -> None:
         check_sampling_values(
@@ -67,6 +70,7 @@ class SamplingParams:
             repetition_penalty=self.repetition_penalty,
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
+            timeout=self.timeout,
         )
 
 
@@ -82,6 +86,7 @@ def check_sampling_values(
     repetition_penalty: float | None = None,
     max_new_tokens: int | None = None,
     seed: int | None = None,
+    timeout: float | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the first out-of-range sampling value."""
 
@@ -95,6 +100,9 @@ def check_sampling_values(
             raise ValueError(msg)
         return float(value)
 
+    if timeout is not None and (number("timeout", timeout) <= 0):
+        msg = f"timeout must be > 0 seconds (None for no limit), got {timeout}"
+        raise ValueError(msg)
     if seed is not None and (
         isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT
     ):
@@ -197,6 +205,16 @@ class OutputText:
             prompt_seconds=prompt_seconds,
             generation_seconds=time.perf_counter() - started,
         )
+
+
+def timeout_error(params: SamplingParams) -> TimeoutError:
+    """The error of a request that ran past its ``timeout``."""
+    return TimeoutError(f"The request took longer than timeout={params.timeout} s and was stopped")
+
+
+def deadline_of(params: SamplingParams) -> float | None:
+    """The ``time.monotonic()`` by which the request must end, or None."""
+    return None if params.timeout is None else time.monotonic() + params.timeout
 
 
 def eos_ids_of(generation_config: GenerationConfig) -> set[int]:

@@ -39,7 +39,9 @@ from langchain_baichuan2.engines.base import (
     GenerationChunk,
     OutputText,
     SamplingParams,
+    deadline_of,
     eos_ids_of,
+    timeout_error,
 )
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
@@ -372,11 +374,16 @@ class NativeEngine(Engine):
             if name == "suppress_tokens" and len(set(ids)) >= self.vocab_size:
                 raise ValueError("suppress_tokens suppresses every token: nothing can be generated")
 
-    def _wait(self, request: _Request) -> GenerationChunk:
+    def _wait(self, request: _Request, deadline: float | None) -> GenerationChunk:
         """Block for the request's next chunk, raising what the worker sent instead."""
         while True:
+            wait = self.POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise timeout_error(request.params)
             try:
-                item = cast(queue.SimpleQueue, request.outbox).get(timeout=self.POLL_SECONDS)
+                item = cast(queue.SimpleQueue, request.outbox).get(timeout=wait)
             except queue.Empty:
                 if self._worker is not None and self._worker.is_alive():
                     continue
@@ -392,10 +399,11 @@ class NativeEngine(Engine):
 
         Leaving the loop early (closing the generator) cancels the request.
         """
+        deadline = deadline_of(params)
         request = self._submit(prompt_ids, params, self._compile(params))
         try:
             while True:
-                item = self._wait(request)
+                item = self._wait(request, deadline)
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -409,8 +417,17 @@ class NativeEngine(Engine):
 
         Cancelling the consuming task cancels the request.
         """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         grammar = await asyncio.to_thread(self._compile, params)
-        request = self._submit(prompt_ids, params, grammar, asyncio.get_running_loop())
+        request = self._submit(prompt_ids, params, grammar, loop)
+        timer = (
+            None
+            if params.timeout is None
+            else loop.call_at(
+                started + params.timeout, request.outbox.put_nowait, timeout_error(params)
+            )
+        )
         try:
             while True:
                 # No polling here: asyncio.wait_for can swallow a cancellation (3.11),
@@ -423,6 +440,8 @@ class NativeEngine(Engine):
                     return
         finally:
             request.cancelled.set()
+            if timer is not None:
+                timer.cancel()
 
     # -- the worker ---------------------------------------------------------------------
 

@@ -33,7 +33,9 @@ from langchain_baichuan2.engines.base import (
     GenerationChunk,
     OutputText,
     SamplingParams,
+    deadline_of,
     eos_ids_of,
+    timeout_error,
 )
 from langchain_baichuan2.grammar import build_grammar
 from langchain_baichuan2.loading import DType, check_checkpoint, resolve_dtype
@@ -205,12 +207,18 @@ class VllmEngine(Engine):
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> Iterator[GenerationChunk]:
         """Yield text deltas, then a final chunk; closing the generator aborts the request."""
+        deadline = deadline_of(params)
         inbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
         future = self._call(self._generate(list(prompt_ids), params, inbox.put))
         try:
             while True:
+                wait = 1.0
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise timeout_error(params)
                 try:
-                    item = inbox.get(timeout=1.0)
+                    item = inbox.get(timeout=wait)
                 except queue.Empty:
                     if future.done() and inbox.empty():
                         future.result()  # raises what ended the task
@@ -235,6 +243,11 @@ class VllmEngine(Engine):
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
         future = self._call(self._generate(list(prompt_ids), params, emit))
+        timer = (
+            None
+            if params.timeout is None
+            else loop.call_later(params.timeout, inbox.put_nowait, timeout_error(params))
+        )
         try:
             while True:
                 item = await inbox.get()
@@ -245,6 +258,8 @@ class VllmEngine(Engine):
                     return
         finally:
             future.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def set_prefix_cache_tokens(self, tokens: int) -> None:
         """Nothing to set: vLLM sizes its prefix cache from its KV-cache memory."""

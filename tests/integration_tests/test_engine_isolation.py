@@ -60,3 +60,34 @@ def test_an_overflowing_temperature_names_the_values(llm):
 def test_out_of_range_values_are_rejected_by_name(llm, settings, message):
     with pytest.raises(ValueError, match=message):
         llm.invoke("hello", **settings)
+
+
+LONG = {"max_tokens": 2000, "model_kwargs": {"min_new_tokens": 2000}}
+
+
+def test_a_call_past_its_timeout_raises_and_frees_its_row(tiny_7b):
+    import time
+
+    from langchain_baichuan2.engines.native import engine_for
+
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, timeout=0.3, **LONG)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="timeout=0.3"):
+        llm.invoke("hello")
+    assert time.monotonic() - start < 5
+    engine = engine_for(llm.loaded_model())
+    quick = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=3)
+    assert quick.invoke("hello").usage_metadata["output_tokens"] >= 1  # the engine serves on
+    time.sleep(0.2)
+    assert engine._inbox.empty()
+
+
+async def test_an_async_call_past_its_timeout_raises(tiny_7b):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, **LONG)
+    with pytest.raises(TimeoutError):
+        await llm.ainvoke("hello", timeout=0.3)
+
+
+def test_a_nonpositive_timeout_is_rejected(tiny_7b):
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        ChatBaichuan2(model=str(tiny_7b), timeout=0)
