@@ -198,7 +198,8 @@ class VllmEngine(Engine):
             if text.finish_reason is None:
                 raise RuntimeError("vLLM ended the request without a finish reason")
             emit(text.summary(len(prompt_ids), cached, prompt_seconds or 0.0, submitted))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # a closed stream, a cancelled task, or shutdown
+            emit(RuntimeError("The vLLM request was cancelled (or the engine shut down)"))
             raise
         except Exception as e:  # the caller must see it
             emit(e)
@@ -273,9 +274,20 @@ class VllmEngine(Engine):
         if self._loop.is_closed():
             return
         try:
+            # End the requests and stop reading vLLM's outputs first, so that vLLM's exit
+            # is not reported as an engine crash.
+            self._call(self._cancel_tasks()).result(timeout=30)
             self.llm.shutdown()
         finally:
             self._stop_loop()
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        """Cancel every task on the engine loop (requests, vLLM's output handler)."""
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
