@@ -61,7 +61,6 @@ from langchain_baichuan2.loading import (
     LoadedModel,
     load_settings,
     registry,
-    resolve_model_path,
 )
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt, literal_text_encoder
 from langchain_baichuan2.tools import (
@@ -556,11 +555,12 @@ class ChatBaichuan2(BaseChatModel):
         """
         if self._resolved_backend() == "native":
             return registry.unload(self.model, **load_settings(self))
-        folder = resolve_model_path(self.model, revision=self.revision, source=self.source)
-        return vllm_engines.shutdown_vllm_engine(folder, **self._vllm_settings_values())
+        return vllm_engines.shutdown_vllm_engine(self.model, **self._vllm_settings_values())
 
     def _vllm_settings_values(self) -> dict[str, Any]:
         return {
+            "revision": self.revision,
+            "source": self.source,
             "dtype": self.dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
@@ -569,10 +569,15 @@ class ChatBaichuan2(BaseChatModel):
 
     def engine(self, model: str | None = None) -> Engine:
         """Return the shared engine that runs this object's calls (started on first use)."""
-        if self._resolved_backend() == "native":
-            return native.engine_for(self.loaded_model(model))
-        folder = resolve_model_path(model or self.model, revision=self.revision, source=self.source)
-        return vllm_engines.vllm_engine_for(folder, **self._vllm_settings_values())
+        if self._resolved_backend() == "vllm":
+            try:
+                return vllm_engines.vllm_engine_for(
+                    model or self.model, **self._vllm_settings_values()
+                )
+            except vllm_engines.NativeOnlyCheckpoint:
+                if self.backend != "auto" or self._vllm_settings():
+                    raise
+        return native.engine_for(self.loaded_model(model))
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
         """Construction-time stops plus per-call stops, without duplicates."""
@@ -586,6 +591,29 @@ class ChatBaichuan2(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _Call:
         """Resolve the model, the prompt ids and the sampling settings of one call."""
+        unknown = sorted(set(kwargs) - _CALL_ARGUMENTS)
+        if unknown:
+            msg = (
+                f"Unknown call argument(s) {', '.join(unknown)}; ChatBaichuan2 accepts "
+                f"{', '.join(sorted(_CALL_ARGUMENTS - _INTERNAL_ARGUMENTS))}"
+            )
+            raise ValueError(msg)
+        # Values that need no checkpoint are checked before anything is loaded.
+        check_sampling_values(
+            **{
+                name: kwargs[key]
+                for name, key in (
+                    ("temperature", "temperature"),
+                    ("top_p", "top_p"),
+                    ("top_k", "top_k"),
+                    ("repetition_penalty", "repetition_penalty"),
+                    ("max_new_tokens", "max_tokens"),
+                    ("seed", "seed"),
+                    ("timeout", "timeout"),
+                )
+                if kwargs.get(key) is not None
+            }
+        )
         model_name = kwargs.get("model") or self.model
         engine = self.engine(model_name)
         defaults = engine.generation_config
@@ -597,13 +625,6 @@ class ChatBaichuan2(BaseChatModel):
                     return value
             return default
 
-        unknown = sorted(set(kwargs) - _CALL_ARGUMENTS)
-        if unknown:
-            msg = (
-                f"Unknown call argument(s) {', '.join(unknown)}; ChatBaichuan2 accepts "
-                f"{', '.join(sorted(_CALL_ARGUMENTS - _INTERNAL_ARGUMENTS))}"
-            )
-            raise ValueError(msg)
         do_sample = bool(getattr(defaults, "do_sample", False))
         sampling = {
             "temperature": pick("temperature", defaults.temperature if do_sample else 0.0),

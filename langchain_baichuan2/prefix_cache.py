@@ -56,6 +56,11 @@ class PrefixCache:
             self.budget_tokens = budget_tokens
             self._evict()
 
+    def grow_to(self, budget_tokens: int) -> None:
+        """Raise the budget to ``budget_tokens`` if it is lower (never shrinks it)."""
+        with self._lock:
+            self.budget_tokens = max(self.budget_tokens, budget_tokens)
+
     def lookup(self, ids: Sequence[int]) -> tuple[int, LayerKV | None]:
         """The longest stored prefix of ``ids``, leaving at least one id to prefill.
 

@@ -207,6 +207,19 @@ class OutputText:
         )
 
 
+def reject_unsupported_arguments(
+    extra: Sequence[tuple[str, Any]], supported: Sequence[str], backend: str
+) -> None:
+    """Raise ``ValueError`` naming the ``generate()`` arguments a backend cannot apply."""
+    unknown = sorted({name for name, _ in extra} - set(supported))
+    if unknown:
+        msg = (
+            f"Unsupported generate() argument(s) {', '.join(unknown)} on backend "
+            f"{backend!r}; supported there: {', '.join(supported)}"
+        )
+        raise ValueError(msg)
+
+
 def timeout_error(params: SamplingParams) -> TimeoutError:
     """The error of a request that ran past its ``timeout``."""
     return TimeoutError(f"The request took longer than timeout={params.timeout} s and was stopped")

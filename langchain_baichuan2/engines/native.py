@@ -41,6 +41,7 @@ from langchain_baichuan2.engines.base import (
     SamplingParams,
     deadline_of,
     eos_ids_of,
+    reject_unsupported_arguments,
     timeout_error,
 )
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
@@ -66,13 +67,7 @@ EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int], str], LogitsProcessor]]
 
 def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
     """Reject ``generate()`` arguments the native engine does not apply."""
-    unknown = sorted({name for name, _ in extra} - set(EXTRA_ARGUMENTS))
-    if unknown:
-        msg = (
-            f"Unsupported generate() argument(s) {', '.join(unknown)}; "
-            f"supported: {', '.join(EXTRA_ARGUMENTS)}"
-        )
-        raise ValueError(msg)
+    reject_unsupported_arguments(extra, list(EXTRA_ARGUMENTS), "native")
 
 
 # Put in an engine's inbox to stop its worker.
@@ -217,7 +212,7 @@ class _Batch:
 
     def keep(self, index: list[int]) -> None:
         """Keep only the rows at ``index``, then trim columns no row uses."""
-        select = torch.tensor(index, device=self.ids.device)
+        select = torch.tensor(index, dtype=torch.long, device=self.ids.device)
         self.rows = [self.rows[i] for i in index]
         self.ids, self.mask, self.logits = self.ids[select], self.mask[select], self.logits[select]
         first = int(self.mask.any(dim=0).long().argmax())
@@ -358,8 +353,7 @@ class NativeEngine(Engine):
 
     def set_prefix_cache_tokens(self, tokens: int) -> None:
         """Grow the store of reusable prompt KV caches to ``tokens`` if it is smaller."""
-        if tokens > self.prefix_cache.budget_tokens:
-            self.prefix_cache.resize(tokens)
+        self.prefix_cache.grow_to(tokens)
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """Reject token ids outside the vocabulary before they can reach a batch."""

@@ -35,10 +35,18 @@ from langchain_baichuan2.engines.base import (
     SamplingParams,
     deadline_of,
     eos_ids_of,
+    reject_unsupported_arguments,
     timeout_error,
 )
 from langchain_baichuan2.grammar import build_grammar
-from langchain_baichuan2.loading import DType, check_checkpoint, resolve_dtype
+from langchain_baichuan2.loading import (
+    DType,
+    Source,
+    check_checkpoint,
+    read_config,
+    resolve_dtype,
+    resolve_model_path,
+)
 from langchain_baichuan2.modeling import BaichuanTokenizer
 
 # generate() arguments vLLM can honour (``min_new_tokens`` is its ``min_tokens``).
@@ -54,13 +62,7 @@ def vllm_available() -> bool:
 
 def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
     """Reject ``generate()`` arguments vLLM cannot honour, naming them."""
-    unknown = sorted({name for name, _ in extra} - set(EXTRA_ARGUMENTS))
-    if unknown:
-        msg = (
-            f"backend='vllm' cannot apply {', '.join(unknown)}; supported there: "
-            f"{', '.join(EXTRA_ARGUMENTS)} (use backend='native' for the others)"
-        )
-        raise ValueError(msg)
+    reject_unsupported_arguments(extra, EXTRA_ARGUMENTS, "vllm")
 
 
 class VllmEngine(Engine):
@@ -103,6 +105,8 @@ class VllmEngine(Engine):
             "trust_remote_code": False,
             **(vllm_kwargs or {}),
         }
+        self._closed = False
+        self._state_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="baichuan2-vllm", daemon=True
@@ -122,8 +126,12 @@ class VllmEngine(Engine):
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     def _call(self, coroutine: Any) -> Future:
-        """Run ``coroutine`` on the engine's event loop."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        """Run ``coroutine`` on the engine's event loop (refused once shut down)."""
+        with self._state_lock:
+            if self._closed:
+                coroutine.close()
+                raise RuntimeError("The vLLM engine was shut down")
+            return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         """Our sampling settings as vLLM's ``SamplingParams``; what vLLM cannot honour raises."""
@@ -158,13 +166,13 @@ class VllmEngine(Engine):
         self,
         prompt_ids: list[int],
         params: SamplingParams,
+        vllm_params: Any,
         emit: Callable[[GenerationChunk | BaseException], None],
     ) -> None:
         """Run one request on the engine loop, sending chunks (or its error) to ``emit``."""
         from vllm.inputs import TokensPrompt
 
         try:
-            vllm_params = self._sampling_params(params)
             text = OutputText(self.tokenizer, params, self.eos_ids)
             submitted = time.perf_counter()
             prompt_seconds: float | None = None
@@ -209,8 +217,9 @@ class VllmEngine(Engine):
     ) -> Iterator[GenerationChunk]:
         """Yield text deltas, then a final chunk; closing the generator aborts the request."""
         deadline = deadline_of(params)
+        vllm_params = self._sampling_params(params)  # here: a grammar never stalls the loop
         inbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
-        future = self._call(self._generate(list(prompt_ids), params, inbox.put))
+        future = self._call(self._generate(list(prompt_ids), params, vllm_params, inbox.put))
         try:
             while True:
                 wait = 1.0
@@ -221,7 +230,7 @@ class VllmEngine(Engine):
                 try:
                     item = inbox.get(timeout=wait)
                 except queue.Empty:
-                    if future.done() and inbox.empty():
+                    if (future.done() or not self._thread.is_alive()) and inbox.empty():
                         future.result()  # raises what ended the task
                         raise RuntimeError("The vLLM request ended without an answer") from None
                     continue
@@ -243,7 +252,8 @@ class VllmEngine(Engine):
         def emit(item: GenerationChunk | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        future = self._call(self._generate(list(prompt_ids), params, emit))
+        vllm_params = await asyncio.to_thread(self._sampling_params, params)
+        future = self._call(self._generate(list(prompt_ids), params, vllm_params, emit))
         timer = (
             None
             if params.timeout is None
@@ -271,15 +281,20 @@ class VllmEngine(Engine):
 
     def shutdown(self) -> None:
         """Stop vLLM (its engine process and workers) and the event loop thread."""
-        if self._loop.is_closed():
-            return
-        try:
+        with self._state_lock:
+            if self._closed:
+                return
             # End the requests and stop reading vLLM's outputs first, so that vLLM's exit
-            # is not reported as an engine crash.
-            self._call(self._cancel_tasks()).result(timeout=30)
-            self.llm.shutdown()
+            # is not reported as an engine crash; then refuse new requests.
+            cancelled = asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop)
+            self._closed = True
+        try:
+            cancelled.result(timeout=30)
         finally:
-            self._stop_loop()
+            try:
+                self.llm.shutdown()
+            finally:
+                self._stop_loop()
 
     @staticmethod
     async def _cancel_tasks() -> None:
@@ -298,23 +313,41 @@ class VllmEngine(Engine):
 
 _engines: dict[str, VllmEngine] = {}
 _engines_lock = threading.Lock()
+# Where each (model, revision, source) was found, so engines are found again without
+# resolving (or downloading) anything.
+_folders: dict[tuple[str, str | None, str], Path] = {}
+
+
+class NativeOnlyCheckpoint(ValueError):
+    """A checkpoint only the native backend loads (bitsandbytes, the Chat-4bits releases)."""
 
 
 def vllm_engine_for(
-    folder: Path,
+    name: str,
     *,
+    revision: str | None,
+    source: Source,
     dtype: DType,
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
 ) -> VllmEngine:
-    """The one vLLM engine for this folder and configuration (started on first use)."""
+    """The one vLLM engine for this model and configuration (started on first use)."""
     if not vllm_available():
         msg = (
             "backend='vllm' needs vLLM: pip install 'langchain-baichuan2[vllm]' on a GPU "
             "machine (see the README for the CPU build), or use backend='native'"
         )
         raise ImportError(msg)
+    where = (name, revision, source)
+    folder = _folders.get(where) or resolve_model_path(name, revision=revision, source=source)
+    if getattr(read_config(folder), "quantization_config", None) is not None:
+        msg = (
+            f"{folder} holds bitsandbytes-quantized weights, which only backend='native' "
+            "loads; for vLLM use the full-precision checkpoint"
+        )
+        raise NativeOnlyCheckpoint(msg)
+    _folders[where] = folder
     key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
     with _engines_lock:
         engine = _engines.get(key)
@@ -347,14 +380,22 @@ def _engine_key(
 
 
 def shutdown_vllm_engine(
-    folder: Path,
+    name: str,
     *,
+    revision: str | None,
+    source: Source,
     dtype: DType,
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
 ) -> bool:
-    """Stop the engine of this configuration, if one runs; return whether one did."""
+    """Stop the engine of this configuration, if one runs; return whether one did.
+
+    Never downloads: a model that was never started has no engine to stop.
+    """
+    folder = _folders.get((name, revision, source))
+    if folder is None:
+        return False
     key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
     with _engines_lock:
         engine = _engines.pop(key, None)

@@ -20,3 +20,11 @@ def test_a_misspelled_embeddings_argument_is_named_with_the_closest_field():
 
 def test_aliases_and_fields_are_accepted():
     assert ChatBaichuan2(model_name="folder", max_tokens=5).model == "folder"
+
+
+def test_a_bad_call_argument_is_rejected_before_anything_loads():
+    llm = ChatBaichuan2(model="/nonexistent/folder")  # loading it would fail differently
+    with pytest.raises(ValueError, match="Unknown call argument\\(s\\) temprature"):
+        llm.invoke("hi", temprature=0.5)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        llm.invoke("hi", top_p=2)

@@ -206,3 +206,31 @@ def test_tensor_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for
     )
     for messages in CONVERSATIONS.values():
         same_reply(tp2.invoke(messages), native.invoke(messages))
+
+
+def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vllm_folders):
+    import torch
+    from vllm import LLM
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from langchain_baichuan2.loading import load_model_and_tokenizer
+
+    folder = vllm_folders["13b"]
+    prompt = [195, 300, 301, 302, 303, 196]
+    loaded = load_model_and_tokenizer(folder, dtype="float32")
+    with torch.no_grad():
+        out = loaded.model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=2
+        )
+    expected = out[0, len(prompt) :].tolist()
+    llm = LLM(str(folder), dtype="float32", **VLLM_KWARGS)
+    try:
+        (result,) = llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt)],
+            VllmSamplingParams(temperature=0, max_tokens=12),
+            use_tqdm=False,
+        )
+        assert list(result.outputs[0].token_ids) == expected
+    finally:
+        llm.llm_engine.engine_core.shutdown()
