@@ -234,3 +234,22 @@ def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vll
         assert list(result.outputs[0].token_ids) == expected
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+def test_pipeline_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for_two_ranks):
+    folder = vllm_folders["7b"]  # 2 layers: one per stage
+    native, _ = chat_models(folder)
+    pp2 = ChatBaichuan2(
+        model=str(folder),
+        backend="vllm",
+        pipeline_parallel_size=2,
+        vllm_kwargs=VLLM_KWARGS,
+        temperature=0,
+        max_tokens=24,
+        dtype="float32",
+    )
+    try:
+        for messages in list(CONVERSATIONS.values())[:2]:
+            same_reply(pp2.invoke(messages), native.invoke(messages))
+    finally:
+        pp2.unload()  # frees its two workers for the rest of the suite
