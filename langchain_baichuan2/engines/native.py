@@ -331,11 +331,8 @@ class NativeEngine(Engine):
         with self._lock:
             if self._closed:
                 raise RuntimeError("The Baichuan2 engine was shut down")
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._serve, name="baichuan2-engine", daemon=True
-                )
-                self._worker.start()
+            if self._worker is None:
+                self._start_worker()
             self._inbox.put(request)
             group = _current_gather.get()
             if group is not None:
@@ -506,7 +503,17 @@ class NativeEngine(Engine):
             stopped = RuntimeError("The Baichuan2 engine was shut down")
             for row in batch.rows if batch is not None else []:
                 row.request.send(stopped)
-            self._answer_queued(stopped)
+            with self._lock:
+                closed = self._closed
+                if not closed:  # an unexpected exit: a new worker serves what is queued
+                    self._start_worker()
+            if closed:
+                self._answer_queued(stopped)
+
+    def _start_worker(self) -> None:
+        """Start the worker thread (the caller holds ``_lock``)."""
+        self._worker = threading.Thread(target=self._serve, name="baichuan2-engine", daemon=True)
+        self._worker.start()
 
     def _answer_queued(self, error: BaseException) -> None:
         """Answer every request still in the inbox with ``error``."""

@@ -86,3 +86,23 @@ def test_a_batch_that_ends_all_at_once_ends_without_an_error(engine, monkeypatch
     list(engine.stream([195, 40, 41, 196], SamplingParams(max_new_tokens=3)))
     time.sleep(0.3)  # an error sent after the summary would arrive by now
     assert not [item for item in sent if isinstance(item, BaseException)]
+
+
+async def test_a_worker_that_dies_unexpectedly_is_replaced(engine, monkeypatch):
+    original = NativeEngine._take_waiting
+    calls = []
+
+    def flaky(self, block):
+        calls.append(block)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return original(self, block)
+
+    monkeypatch.setattr(NativeEngine, "_take_waiting", flaky)
+    params = SamplingParams(max_new_tokens=2)
+    chunks = await asyncio.wait_for(_collect(engine.astream([195, 40, 196], params)), 30)
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+async def _collect(stream):
+    return [chunk async for chunk in stream]
