@@ -192,20 +192,31 @@ def test_min_new_tokens_is_honoured(pair):
     assert a.usage_metadata["output_tokens"] == 20
 
 
-def test_tensor_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for_two_ranks):
-    folder = vllm_folders["13b-tp"]
+@pytest.mark.parametrize(
+    "split, checkpoint",
+    [
+        ("tensor_parallel_size", "13b-tp"),  # each layer's 6 ALiBi heads split 3 + 3
+        ("pipeline_parallel_size", "7b"),  # 2 layers: one per stage
+    ],
+)
+def test_two_way_parallel_gives_the_same_tokens(
+    vllm_folders, cpu_threads_for_two_ranks, split, checkpoint
+):
+    folder = vllm_folders[checkpoint]
     native, _ = chat_models(folder)
-    tp2 = ChatBaichuan2(
+    parallel = ChatBaichuan2(
         model=str(folder),
         backend="vllm",
-        tensor_parallel_size=2,
         vllm_kwargs=VLLM_KWARGS,
         temperature=0,
         max_tokens=24,
         dtype="float32",
+        **{split: 2},
     )
     for messages in CONVERSATIONS.values():
-        same_reply(tp2.invoke(messages), native.invoke(messages))
+        same_reply(parallel.invoke(messages), native.invoke(messages))
+    if split == "pipeline_parallel_size":
+        parallel.unload()  # frees its two workers (the README test reuses the TP engine)
 
 
 def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vllm_folders):
@@ -234,22 +245,3 @@ def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vll
         assert list(result.outputs[0].token_ids) == expected
     finally:
         llm.llm_engine.engine_core.shutdown()
-
-
-def test_pipeline_parallel_two_gives_the_same_tokens(vllm_folders, cpu_threads_for_two_ranks):
-    folder = vllm_folders["7b"]  # 2 layers: one per stage
-    native, _ = chat_models(folder)
-    pp2 = ChatBaichuan2(
-        model=str(folder),
-        backend="vllm",
-        pipeline_parallel_size=2,
-        vllm_kwargs=VLLM_KWARGS,
-        temperature=0,
-        max_tokens=24,
-        dtype="float32",
-    )
-    try:
-        for messages in list(CONVERSATIONS.values())[:2]:
-            same_reply(pp2.invoke(messages), native.invoke(messages))
-    finally:
-        pp2.unload()  # frees its two workers for the rest of the suite
