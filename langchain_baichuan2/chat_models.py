@@ -634,8 +634,7 @@ class ChatBaichuan2(BaseChatModel):
             "max_new_tokens": pick("max_tokens", defaults.max_new_tokens or 2048),
         }
         check_sampling_values(**sampling)  # on the values as given, before any conversion
-        seed = pick("seed", None)
-        check_sampling_values(seed=seed)
+        seed = pick("seed", None)  # checked by SamplingParams, unconverted
         messages, constraint, parse_tools = self._constrain(messages, kwargs)
         extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
         params = SamplingParams(

@@ -10,10 +10,11 @@ same for every backend, so they give the same text for the same tokens.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -228,6 +229,42 @@ def timeout_error(params: SamplingParams) -> TimeoutError:
 def deadline_of(params: SamplingParams) -> float | None:
     """The ``time.monotonic()`` by which the request must end, or None."""
     return None if params.timeout is None else time.monotonic() + params.timeout
+
+
+def seconds_to_wait(deadline: float | None, params: SamplingParams, poll: float) -> float:
+    """How long a blocked caller may wait for its next chunk: ``poll`` at most.
+
+    Raises ``TimeoutError`` once the request's deadline has passed.
+    """
+    if deadline is None:
+        return poll
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise timeout_error(params)
+    return min(poll, left)
+
+
+def timeout_timer(
+    loop: asyncio.AbstractEventLoop,
+    started: float,
+    params: SamplingParams,
+    put: Callable[[BaseException], None],
+) -> asyncio.TimerHandle | None:
+    """Schedule the request's ``TimeoutError`` on ``loop`` (``started``: loop time).
+
+    Async callers wait on a queue; the error arrives on it at the deadline. None when
+    the request has no timeout.
+    """
+    if params.timeout is None:
+        return None
+    return loop.call_at(started + params.timeout, put, timeout_error(params))
+
+
+def check_top_k(params: SamplingParams, vocab_size: int) -> None:
+    """Reject a ``top_k`` larger than the vocabulary (it can only be a mistake)."""
+    if params.top_k > vocab_size:
+        msg = f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}"
+        raise ValueError(msg)
 
 
 def eos_ids_of(generation_config: GenerationConfig) -> set[int]:

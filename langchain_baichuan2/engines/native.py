@@ -39,10 +39,12 @@ from langchain_baichuan2.engines.base import (
     GenerationChunk,
     OutputText,
     SamplingParams,
+    check_top_k,
     deadline_of,
     eos_ids_of,
     reject_unsupported_arguments,
-    timeout_error,
+    seconds_to_wait,
+    timeout_timer,
 )
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
@@ -312,9 +314,7 @@ class NativeEngine(Engine):
     def _compile(self, params: SamplingParams) -> Any:
         """Check a request's settings; return its compiled grammar (or None)."""
         check_extra_arguments(params.extra)
-        if params.top_k > self.vocab_size:
-            msg = f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}"
-            raise ValueError(msg)
+        check_top_k(params, self.vocab_size)
         self._check_token_ids(params)
         return self.grammar_compiler.compile(params.constraint) if params.constraint else None
 
@@ -368,11 +368,7 @@ class NativeEngine(Engine):
     def _wait(self, request: _Request, deadline: float | None) -> GenerationChunk:
         """Block for the request's next chunk, raising what the worker sent instead."""
         while True:
-            wait = self.POLL_SECONDS
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise timeout_error(request.params)
+            wait = seconds_to_wait(deadline, request.params, self.POLL_SECONDS)
             try:
                 item = cast(queue.SimpleQueue, request.outbox).get(timeout=wait)
             except queue.Empty:
@@ -412,13 +408,7 @@ class NativeEngine(Engine):
         started = loop.time()
         grammar = await asyncio.to_thread(self._compile, params)
         request = self._submit(prompt_ids, params, grammar, loop)
-        timer = (
-            None
-            if params.timeout is None
-            else loop.call_at(
-                started + params.timeout, request.outbox.put_nowait, timeout_error(params)
-            )
-        )
+        timer = timeout_timer(loop, started, params, request.outbox.put_nowait)
         try:
             while True:
                 # No polling here: asyncio.wait_for can swallow a cancellation (3.11),

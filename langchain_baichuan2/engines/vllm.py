@@ -33,10 +33,12 @@ from langchain_baichuan2.engines.base import (
     GenerationChunk,
     OutputText,
     SamplingParams,
+    check_top_k,
     deadline_of,
     eos_ids_of,
     reject_unsupported_arguments,
-    timeout_error,
+    seconds_to_wait,
+    timeout_timer,
 )
 from langchain_baichuan2.grammar import build_grammar
 from langchain_baichuan2.loading import (
@@ -139,9 +141,7 @@ class VllmEngine(Engine):
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
         check_extra_arguments(params.extra)
-        if params.top_k > self.vocab_size:
-            msg = f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}"
-            raise ValueError(msg)
+        check_top_k(params, self.vocab_size)
         structured = (
             StructuredOutputsParams(grammar=str(build_grammar(params.constraint)))
             if params.constraint is not None
@@ -222,13 +222,8 @@ class VllmEngine(Engine):
         future = self._call(self._generate(list(prompt_ids), params, vllm_params, inbox.put))
         try:
             while True:
-                wait = 1.0
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise timeout_error(params)
                 try:
-                    item = inbox.get(timeout=wait)
+                    item = inbox.get(timeout=seconds_to_wait(deadline, params, 1.0))
                 except queue.Empty:
                     if (future.done() or not self._thread.is_alive()) and inbox.empty():
                         future.result()  # raises what ended the task
@@ -252,13 +247,10 @@ class VllmEngine(Engine):
         def emit(item: GenerationChunk | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
+        started = loop.time()
         vllm_params = await asyncio.to_thread(self._sampling_params, params)
         future = self._call(self._generate(list(prompt_ids), params, vllm_params, emit))
-        timer = (
-            None
-            if params.timeout is None
-            else loop.call_later(params.timeout, inbox.put_nowait, timeout_error(params))
-        )
+        timer = timeout_timer(loop, started, params, inbox.put_nowait)
         try:
             while True:
                 item = await inbox.get()
@@ -340,14 +332,16 @@ def vllm_engine_for(
         )
         raise ImportError(msg)
     where = (name, revision, source)
-    folder = _folders.get(where) or resolve_model_path(name, revision=revision, source=source)
-    if getattr(read_config(folder), "quantization_config", None) is not None:
-        msg = (
-            f"{folder} holds bitsandbytes-quantized weights, which only backend='native' "
-            "loads; for vLLM use the full-precision checkpoint"
-        )
-        raise NativeOnlyCheckpoint(msg)
-    _folders[where] = folder
+    folder = _folders.get(where)
+    if folder is None:  # first use: resolve and check the folder once
+        folder = resolve_model_path(name, revision=revision, source=source)
+        if getattr(read_config(folder), "quantization_config", None) is not None:
+            msg = (
+                f"{folder} holds bitsandbytes-quantized weights, which only backend='native' "
+                "loads; for vLLM use the full-precision checkpoint"
+            )
+            raise NativeOnlyCheckpoint(msg)
+        _folders[where] = folder
     key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
     with _engines_lock:
         engine = _engines.get(key)

@@ -245,3 +245,15 @@ def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vll
         assert list(result.outputs[0].token_ids) == expected
     finally:
         llm.llm_engine.engine_core.shutdown()
+
+
+async def test_a_call_past_its_timeout_raises_and_aborts_the_vllm_request(pair):
+    _, vllm = pair
+    long = {"max_tokens": 1500, "model_kwargs": {"min_new_tokens": 1500}, "timeout": 0.5}
+    with pytest.raises(TimeoutError, match="timeout=0.5"):
+        vllm.invoke("Tell me a very long story.", **long)
+    assert wait_until_idle(vllm.engine()) == 0
+    with pytest.raises(TimeoutError):
+        await vllm.ainvoke("Tell me a very long story.", **long)
+    assert await asyncio.to_thread(wait_until_idle, vllm.engine()) == 0
+    assert vllm.invoke("Hello!").content  # the engine serves the next call
