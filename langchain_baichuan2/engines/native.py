@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -46,9 +44,15 @@ from langchain_baichuan2.engines.base import (
     seconds_to_wait,
     timeout_timer,
 )
+from langchain_baichuan2.engines.sampling import (
+    RowSettings,
+    apply_repetition_penalty,
+    choose_tokens,
+)
+from langchain_baichuan2.engines.slot_model import SlotModel
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
-from langchain_baichuan2.prefix_cache import LayerKV, PrefixCache
+from langchain_baichuan2.prefix_cache import PrefixCache
 
 # Extra generate() arguments the engine applies, each as transformers' own processor,
 # built from (value, prompt length, eos ids, device): tensors they keep must live where
@@ -135,15 +139,24 @@ class _Row:
         self.cached_tokens = 0
         self.prompt_seconds = 0.0
         self.started = time.perf_counter()
+        extra = dict(params.extra)
+        self.min_new_tokens = int(extra.pop("min_new_tokens", 0))
+        prompt_len, device = len(request.prompt_ids), str(engine.device)
         self.processors = [
-            EXTRA_ARGUMENTS[name](
-                value, len(request.prompt_ids), engine.eos_ids, str(engine.device)
-            )
-            for name, value in params.extra
+            EXTRA_ARGUMENTS[name](value, prompt_len, engine.eos_ids, device)
+            for name, value in extra.items()
         ]
         self.grammar = (
             GrammarMask(request.grammar, engine.vocab_size) if request.grammar is not None else None
         )
+        self.slot = -1
+        self.ids = list(request.prompt_ids)  # the prompt, then every token picked
+        self.length = 0  # tokens whose keys/values are in the slot
+
+    @property
+    def generated(self) -> int:
+        """Tokens picked so far."""
+        return len(self.ids) - len(self.request.prompt_ids)
 
     def summary(self) -> GenerationChunk:
         """The final chunk: finish reason, measured counts and timings."""
@@ -152,112 +165,53 @@ class _Row:
         )
 
 
-def _dynamic_layers(cache: DynamicCache) -> list[DynamicLayer]:
-    """The cache's layers (all dynamic full-attention layers for Baichuan2)."""
-    return cast(list[DynamicLayer], cache.layers)
-
-
-def layer_kv(cache: DynamicCache) -> LayerKV:
-    """Per-layer (keys, values) held by ``cache``."""
-    return [(layer.keys, layer.values) for layer in _dynamic_layers(cache)]  # type: ignore[misc]
-
-
 class _Batch:
-    """The running batch: rows, their shared KV cache and the next-token logits.
+    """The running rows, the device tensors describing them, and their next-token logits.
 
-    Every row's tokens sit right-aligned in the cache (``mask`` marks them), so rows
-    of any length can join by left-padding, and positions (RoPE: ``cumsum(mask)``;
-    ALiBi: relative distances) are unaffected by the padding.
+    Settings, slots, positions and seen tokens are tensors rebuilt only when a row joins
+    or leaves; a step advances positions and marks the new tokens seen in place.
     """
 
-    def __init__(
-        self, row: _Row, ids: torch.Tensor, cache: DynamicCache, logits: torch.Tensor
-    ) -> None:
-        self.rows = [row]
-        self.ids = ids  # [B, L] every token in the cache (pad id where masked)
-        self.mask = torch.ones_like(ids)  # [B, L]
-        self.cache = cache  # per layer keys/values [B, H, L, D]
-        self.logits = logits  # [B, V] scores for each row's next token
+    def __init__(self, engine: NativeEngine) -> None:
+        self.engine = engine
+        self.rows: list[_Row] = []
+        device = engine.device
+        self.logits = torch.empty(0, engine.vocab_size, device=device)  # [B, V]
+        self.seen = torch.zeros(0, engine.vocab_size, dtype=torch.bool, device=device)
+        self._refresh()
 
-    @property
-    def kv(self) -> LayerKV:
-        """Per-layer (keys, values) of the whole batch."""
-        return layer_kv(self.cache)
+    def _refresh(self) -> None:
+        engine = self.engine
+        self.settings = RowSettings(
+            [row.request.params for row in self.rows],
+            [row.generator for row in self.rows],
+            engine.vocab_size,
+            engine.device,
+        )
+        self.slot_index = torch.tensor([r.slot for r in self.rows], device=engine.device)
+        self.positions = torch.tensor([r.length for r in self.rows], device=engine.device)
 
-    @kv.setter
-    def kv(self, kv: LayerKV) -> None:
-        for layer, (k, v) in zip(_dynamic_layers(self.cache), kv, strict=True):
-            layer.keys, layer.values = k, v
-
-    def add(self, row: _Row, ids: torch.Tensor, cache: DynamicCache, logits: torch.Tensor) -> None:
-        """Join a prefilled row, left-padding whichever side is shorter."""
-        kv = layer_kv(cache)
-        length = max(self.ids.shape[1], ids.shape[1])
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = length - t.shape[dim]
-            if not missing:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        new_mask = torch.ones_like(ids)
-        self.ids = torch.cat([pad(self.ids, 1), pad(ids, 1)])
-        self.mask = torch.cat([pad(self.mask, 1), pad(new_mask, 1)])
-        self.kv = [
-            (torch.cat([pad(k, 2), pad(nk, 2)]), torch.cat([pad(v, 2), pad(nv, 2)]))
-            for (k, v), (nk, nv) in zip(self.kv, kv, strict=True)
-        ]
-        self.logits = torch.cat([self.logits, logits])
+    def add(self, row: _Row, logits: torch.Tensor) -> None:
+        """Join a prefilled row."""
+        prompt = torch.tensor(row.request.prompt_ids, device=self.engine.device)
+        seen = self.seen.new_zeros(1, self.seen.shape[1]).index_fill_(1, prompt, True)
         self.rows.append(row)
+        self.logits = torch.cat([self.logits, logits])
+        self.seen = torch.cat([self.seen, seen])
+        self._refresh()
 
     def keep(self, index: list[int]) -> None:
-        """Keep only the rows at ``index``, then trim columns no row uses."""
-        select = torch.tensor(index, dtype=torch.long, device=self.ids.device)
+        """Keep only the rows at ``index``."""
+        select = torch.tensor(index, dtype=torch.long, device=self.engine.device)
         self.rows = [self.rows[i] for i in index]
-        self.ids, self.mask, self.logits = self.ids[select], self.mask[select], self.logits[select]
-        first = int(self.mask.any(dim=0).long().argmax())
-        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
-        self.kv = [(k[select, :, first:], v[select, :, first:]) for k, v in self.kv]
+        self.logits, self.seen = self.logits[select], self.seen[select]
+        self._refresh()
 
-    def row_kv(self, i: int) -> tuple[list[int], LayerKV]:
-        """Row ``i``'s ids and keys/values without padding."""
-        real = int(self.mask[i].sum())
-        ids = self.ids[i, -real:].tolist()
-        return ids, [(k[i : i + 1, :, -real:], v[i : i + 1, :, -real:]) for k, v in self.kv]
-
-
-def _apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
-    """Penalize logits of tokens already in each row (CTRL rule, as transformers does)."""
-    if bool((penalty == 1.0).all()):
-        return logits
-    # Which vocabulary entries each row has seen; amax makes a padding slot (id 0, not
-    # seen) and a real id 0 in the same row agree, whatever order scatter runs in.
-    present = torch.zeros_like(logits, dtype=torch.int8).scatter_reduce(
-        1, seen, seen_mask.to(torch.int8), reduce="amax"
-    )
-    factor = penalty[:, None]
-    penalized = torch.where(logits > 0, logits / factor, logits * factor)
-    return torch.where(present.bool(), penalized, logits)
-
-
-def _filter_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
-    """Mask logits outside each row's top-k and nucleus (top-p) sets with -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    remove = rank >= k
-    probs = sorted_logits.masked_fill(remove, -math.inf).softmax(dim=-1)
-    # Drop a token once the mass before it already reaches top_p; the first always stays.
-    mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= top_p[:, None]
-    remove[:, 0] = False
-    return logits.scatter(1, order, sorted_logits.masked_fill(remove, -math.inf))
+    def release(self) -> None:
+        """Free every row's slot (the batch is over)."""
+        for row in self.rows:
+            self.engine.slot_model.cache.release(row.slot)
+        self.rows = []
 
 
 class NativeEngine(Engine):
@@ -265,6 +219,8 @@ class NativeEngine(Engine):
 
     Args:
         loaded: The model, tokenizer and generation defaults to serve.
+        compile: Compile the decode step with ``torch.compile``; None: only on a CUDA
+            GPU (see ``set_compile``).
     """
 
     # How long the worker waits for the rest of an announced group (see ``gather``).
@@ -272,7 +228,7 @@ class NativeEngine(Engine):
     # How often a waiting caller checks that the worker is still alive.
     POLL_SECONDS = 1.0
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, compile: bool | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -287,6 +243,20 @@ class NativeEngine(Engine):
         self._gathers: list[_Gather] = []
         self._closed = False
         self.prefix_cache = PrefixCache()
+        self._eos_index = torch.tensor(sorted(self.eos_ids), device=self.device)
+        self.slot_model = SlotModel(self.model)
+        self.set_compile(compile)
+
+    def set_compile(self, compile: bool | None) -> None:
+        """Turn the compiled decode step on or off (None: on only for a CUDA GPU).
+
+        Compiling happens on the first step of each batch size and cache size, and only
+        for unquantized weights; if it fails, the engine warns and goes on uncompiled.
+        """
+        if compile is None:
+            compile = self.device.type == "cuda"
+        quantized = getattr(self.model, "is_quantized", False)
+        self.slot_model.compile = bool(compile) and not quantized
 
     # -- submitting -------------------------------------------------------------------
 
@@ -471,14 +441,13 @@ class NativeEngine(Engine):
                         if request.cancelled.is_set():
                             continue
                         try:
-                            row, ids, cache, logits = self._prefill(request)
+                            row, logits = self._prefill(request)
                         except Exception as e:  # this caller must see it; the others go on
                             request.send(e)
                             continue
                         if batch is None:
-                            batch = _Batch(row, ids, cache, logits)
-                        else:
-                            batch.add(row, ids, cache, logits)
+                            batch = _Batch(self)
+                        batch.add(row, logits)
                     if batch is not None:
                         self._step(batch)
                 except BaseException as e:  # every caller in the batch must see it
@@ -486,6 +455,8 @@ class NativeEngine(Engine):
                         row.request.send(e)
                     for request in requests:
                         request.send(e)
+                    if batch is not None:
+                        batch.release()
                     batch = None
                 if batch is not None and not batch.rows:
                     batch = None
@@ -493,6 +464,8 @@ class NativeEngine(Engine):
             stopped = RuntimeError("The Baichuan2 engine was shut down")
             for row in batch.rows if batch is not None else []:
                 row.request.send(stopped)
+            if batch is not None:
+                batch.release()
             with self._lock:
                 closed = self._closed
                 if not closed:  # an unexpected exit: a new worker serves what is queued
@@ -531,93 +504,72 @@ class NativeEngine(Engine):
                 return  # it reaches the marker after its step and answers the rest
         self._answer_queued(RuntimeError("The Baichuan2 engine was shut down"))
 
-    def _kv_cache(self, kv: LayerKV | None) -> DynamicCache:
-        cache = DynamicCache(config=self.model.config)
-        for layer, (k, v) in enumerate(kv or []):
-            cache.update(k, v, layer)
-        return cache
-
     @torch.inference_mode()
-    def _prefill(self, request: _Request) -> tuple[_Row, torch.Tensor, DynamicCache, torch.Tensor]:
-        """Run one prompt (reusing a cached prefix); return its row, ids, cache, logits."""
+    def _prefill(self, request: _Request) -> tuple[_Row, torch.Tensor]:
+        """Run one prompt into a free slot (reusing a cached prefix); return row, logits."""
         row = _Row(request, self)
         prompt = request.prompt_ids
         reuse = request.params.reuse_prefix
         reused, prefix_kv = self.prefix_cache.lookup(prompt) if reuse else (0, None)
-        ids = torch.tensor([prompt], device=self.device)
-        cache = self._kv_cache(prefix_kv)
+        slots = self.slot_model
         with self.loaded.lock:
-            start = time.perf_counter()
-            logits = (
-                self.model(
-                    input_ids=ids[:, reused:],
-                    attention_mask=torch.ones_like(ids),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                .logits[:, -1]
-                .float()
-            )
-            if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
-                torch.cuda.synchronize(logits.device)
-            row.prompt_seconds = time.perf_counter() - start
-        if reuse:
-            self.prefix_cache.store(prompt, layer_kv(cache))
+            row.slot = slots.cache.acquire(len(prompt) + 1)
+            try:
+                start = time.perf_counter()
+                if prefix_kv is not None:
+                    slots.write(row.slot, prefix_kv)
+                logits = slots.prefill(row.slot, prompt[reused:], reused)
+                if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
+                    torch.cuda.synchronize(logits.device)
+                row.prompt_seconds = time.perf_counter() - start
+                if reuse:
+                    self.prefix_cache.store(prompt, slots.read(row.slot, len(prompt)))
+            except BaseException:
+                slots.cache.release(row.slot)
+                raise
+        row.length = len(prompt)
         row.cached_tokens = reused
         row.started = time.perf_counter()
-        return row, ids, cache, logits
+        return row, logits
+
+    def _mask_row(self, row: _Row, logits: torch.Tensor) -> None:
+        """Apply a row's own restrictions (min_new_tokens, processors, grammar) in place."""
+        if row.generated < row.min_new_tokens:
+            logits[0, self._eos_index] = -math.inf
+        if row.processors:
+            ids = torch.tensor([row.ids], device=self.device)
+            for processor in row.processors:
+                logits[:] = processor(ids, logits)
+        if row.grammar is not None:
+            row.grammar.apply(logits)
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> None:
         """Pick every row's next token, send the text, drop finished rows, advance."""
         rows = batch.rows
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        params = [r.request.params for r in rows]
-        temperature = column([p.temperature for p in params])
-        logits = _apply_repetition_penalty(
-            batch.logits,
-            batch.ids,
-            batch.mask.bool(),
-            column([p.repetition_penalty for p in params]),
-        )
+        logits = apply_repetition_penalty(batch.logits, batch.seen, batch.settings)
         failed: dict[int, Exception] = {}
         for i, row in enumerate(rows):
-            try:
-                for processor in row.processors:
-                    seen = batch.ids[i : i + 1, batch.mask[i].bool()]
-                    logits[i : i + 1] = processor(seen, logits[i : i + 1])
-                if row.grammar is not None:
-                    row.grammar.apply(logits[i : i + 1])
-                if not bool(torch.isfinite(logits[i]).any()):
-                    raise ValueError(
-                        "every token is excluded (by the grammar and the generation "
-                        "arguments together): nothing can be generated"
-                    )
-            except Exception as e:  # only this request fails; the batch goes on
-                failed[i] = e
-                logits[i] = 0.0  # a harmless row for the shared sampling below
-        tokens = self._pick(
-            logits,
-            rows,
-            temperature,
-            column([p.top_k for p in params], torch.long),
-            column([p.top_p for p in params]),
-            failed,
-        )
+            if row.processors or row.grammar is not None or row.generated < row.min_new_tokens:
+                try:
+                    self._mask_row(row, logits[i : i + 1])
+                except Exception as e:  # only this request fails; the batch goes on
+                    failed[i] = e
+                    logits[i] = 0.0  # a harmless row for the shared sampling below
+        picked = choose_tokens(logits, batch.settings)
+        tokens, excluded, overflowed = picked.tolist()  # the step's one wait for the device
         keep = []
-        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row.request.cancelled.is_set():
                 continue
-            if i in failed:
-                row.request.send(failed[i])
+            error = failed.get(i) or self._row_error(row, excluded[i], overflowed[i])
+            if error is not None:
+                row.request.send(error)
                 continue
             if row.grammar is not None and not row.grammar.accept(token):
                 row.request.send(RuntimeError(f"the grammar rejected token {token}"))
                 continue
+            row.ids.append(token)
             chunk = row.text.push(token)
             if chunk is not None and (chunk.text or chunk.token_ids):
                 row.request.send(chunk)
@@ -625,63 +577,48 @@ class NativeEngine(Engine):
                 keep.append(i)
                 continue
             if row.request.params.reuse_prefix:
-                self.prefix_cache.store(*batch.row_kv(i))
+                ids = row.ids[: row.length]
+                self.prefix_cache.store(ids, self.slot_model.read(row.slot, row.length))
             row.request.send(row.summary())
+        for i in sorted(set(range(len(rows))) - set(keep)):
+            self.slot_model.cache.release(rows[i].slot)
+        next_tokens = picked[0]
         if len(keep) < len(rows):
             batch.keep(keep)
-            tokens = tokens[keep]
+            next_tokens = next_tokens[keep]
         if not batch.rows:
             return
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        batch.seen[torch.arange(len(keep), device=self.device), next_tokens] = True
         with self.loaded.lock:
-            batch.logits = (
-                self.model(
-                    input_ids=tokens[:, None],
-                    attention_mask=batch.mask,
-                    cache=batch.cache,
-                    use_cache=True,
-                )
-                .logits[:, -1]
-                .float()
+            batch.logits = self.slot_model.decode(
+                [row.slot for row in batch.rows],
+                max(row.length for row in batch.rows) + 1,
+                batch.slot_index,
+                next_tokens,
+                batch.positions,
             )
-        batch.ids = torch.cat([batch.ids, tokens[:, None]], dim=1)
+        for row in batch.rows:
+            row.length += 1
+        batch.positions += 1
 
-    def _pick(
-        self,
-        logits: torch.Tensor,
-        rows: list[_Row],
-        temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        failed: dict[int, Exception],
-    ) -> torch.Tensor:
-        """Choose each row's next token: argmax for greedy rows, else sample.
-
-        Every operation is row-wise, so one row's extreme values (a temperature of
-        1e-45 overflowing its logits) can only spoil that row, which then goes into
-        ``failed`` instead of failing the batch.
-        """
-        tokens = logits.argmax(dim=-1)
-        sampled = temperature > 0
-        if not bool(sampled.any()):
-            return tokens
-        warped = logits / torch.where(sampled, temperature, 1.0)[:, None]
-        probs = _filter_top_k_top_p(warped, top_k, top_p).softmax(dim=-1)
-        for i, row in enumerate(rows):
-            if not sampled[i] or i in failed:
-                continue
-            if not bool(torch.isfinite(probs[i]).all()):
-                params = row.request.params
-                failed[i] = ValueError(
-                    f"temperature={params.temperature} with repetition_penalty="
-                    f"{params.repetition_penalty} overflows the logits of this request: "
-                    "no valid probabilities to sample from"
-                )
-                continue
-            tokens[i] = torch.multinomial(probs[i], 1, generator=row.generator)[0]
-        return tokens
+    @staticmethod
+    def _row_error(row: _Row, excluded: int, overflowed: int) -> Exception | None:
+        """The error a row's sampling flags stand for, if any."""
+        if excluded:
+            return ValueError(
+                "every token is excluded (by the grammar and the generation "
+                "arguments together): nothing can be generated"
+            )
+        if overflowed:
+            params = row.request.params
+            return ValueError(
+                f"temperature={params.temperature} with repetition_penalty="
+                f"{params.repetition_penalty} overflows the logits of this request: "
+                "no valid probabilities to sample from"
+            )
+        return None
 
 
-def engine_for(loaded: LoadedModel) -> NativeEngine:
+def engine_for(loaded: LoadedModel, compile: bool | None = None) -> NativeEngine:
     """Return the one engine serving ``loaded`` (created on first use)."""
-    return loaded.shared("engine", lambda: NativeEngine(loaded))
+    return loaded.shared("engine", lambda: NativeEngine(loaded, compile))

@@ -1,0 +1,295 @@
+"""Baichuan2's forward pass over the slot cache: the native engine's fast path.
+
+``SlotModel`` runs the loaded model's own modules (so quantized layers work unchanged)
+on keys/values kept in a ``SlotCache``. Prefill feeds one sequence's new tokens; a
+decode step feeds one token for every running sequence. Positions are tensors, so a
+step needs nothing from the host: RoPE angles come from a precomputed table, the ALiBi
+bias is built from positions and the cached slopes, and every row sees only its own
+keys up to its position (``key index <= position``). The decode step can be compiled
+with ``torch.compile``: then it runs at fixed shapes (whole buffer rows and length,
+batch rounded up to a power of two) and, on a GPU, as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from langchain_baichuan2.engines.slots import SlotCache
+from langchain_baichuan2.modeling import BaichuanForCausalLM
+from langchain_baichuan2.modeling.modeling import alibi_slopes
+from langchain_baichuan2.prefix_cache import LayerKV
+
+logger = logging.getLogger(__name__)
+
+# Keys are attended in blocks of this many positions (uncompiled decode), so the
+# attention reads what the longest row needs, not the whole buffer.
+KEY_BLOCK = 256
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= ``n``."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class HeadProjection:
+    """The language-model head, laid out for the CPU's matrix-vector kernels.
+
+    On a CPU, fp32 ``linear`` of one row against a 125,696 x H head runs at half the
+    memory bandwidth, and of a few rows at a quarter; ``x @ W.T`` with ``W.T`` stored
+    contiguously (one row) or ``W @ x.T`` (several rows) read the head at full speed.
+    Elsewhere (GPU, half precision, quantized heads) it is the plain module.
+    """
+
+    def __init__(self, lm_head: nn.Module) -> None:
+        self.module = lm_head
+        weight = getattr(lm_head, "weight", None)
+        self.weight = weight if type(lm_head) is nn.Linear else None
+        self.by_layout = (
+            self.weight is not None
+            and self.weight.device.type == "cpu"
+            and self.weight.dtype == torch.float32
+        )
+        self._transposed: torch.Tensor | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` of hidden states ``[B, H]``."""
+        if not self.by_layout or self.weight is None:
+            return self.module(hidden)
+        if hidden.shape[0] == 1:
+            if self._transposed is None:  # one extra copy of the head, made on first use
+                self._transposed = self.weight.t().contiguous()
+            return hidden @ self._transposed
+        return (self.weight @ hidden.T).T
+
+
+class SlotModel:
+    """The model's forward pass on a slot cache.
+
+    Args:
+        model: The loaded Baichuan2 model.
+        compile: Compile the decode step with ``torch.compile`` (falls back to the
+            uncompiled step, with a warning, if compiling fails).
+    """
+
+    def __init__(self, model: BaichuanForCausalLM, compile: bool = False) -> None:
+        self.model = model
+        config = model.config
+        embed = model.model.embed_tokens.weight
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.cache = SlotCache(
+            config.num_hidden_layers, self.heads, self.head_dim, self.dtype, self.device
+        )
+        rotary = model.model.rotary_emb
+        self.inv_freq = rotary.inv_freq.to(self.device) if rotary is not None else None
+        self.slopes = alibi_slopes(self.heads).to(self.device)
+        self.head = HeadProjection(model.lm_head)
+        self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
+        self.compile = compile
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compiled_shapes: set[tuple[int, int]] = set()
+        self.compile_seconds = 0.0  # spent compiling so far (first call of each shape)
+
+    # -- position encodings ---------------------------------------------------------
+
+    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions ``0..length-1``, computed as the model computes them."""
+        if self._cos.shape[0] < length and self.inv_freq is not None:
+            positions = torch.arange(length, device=self.device)
+            freqs = positions[:, None].float() * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        return self._cos, self._sin
+
+    def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """What each query may attend: keys at or before its position.
+
+        RoPE: a boolean ``[B, 1, T, L]``. ALiBi: the additive bias ``m_h * (j - i)``
+        with the dtype's minimum above the diagonal, ``[B, H, T, L]``.
+        """
+        keys = torch.arange(length, device=positions.device)
+        allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, L]
+        if self.inv_freq is not None:
+            return allowed[:, None]
+        distance = (keys[None, None, :] - positions[:, :, None]).float()
+        bias = (self.slopes[None, :, None, None] * distance[:, None]).to(self.dtype)
+        return bias.masked_fill(~allowed[:, None], torch.finfo(self.dtype).min)
+
+    # -- the forward pass ---------------------------------------------------------------
+
+    def _hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        cos_table: torch.Tensor,
+        sin_table: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` of ``ids`` at ``positions`` (both ``[B, T]``).
+
+        ``keys``/``values`` are per-layer views ``[B, heads, L, D]`` of the rows' slots;
+        the new tokens' keys/values are written into them at their positions first.
+        """
+        inner = self.model.model
+        batch, seq = ids.shape
+        hidden = inner.embed_tokens(ids)
+        mask = self._mask(positions, keys[0].shape[2])
+        rows = torch.arange(batch, device=ids.device)[:, None].expand(batch, seq)
+        cos = cos_table[positions] if self.inv_freq is not None else None
+        sin = sin_table[positions] if self.inv_freq is not None else None
+        for layer, layer_keys, layer_values in zip(inner.layers, keys, values, strict=True):
+            attention = layer.self_attn
+            qkv = attention.W_pack(layer.input_layernorm(hidden))
+            qkv = qkv.view(batch, seq, 3, self.heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, T, D]
+            if cos is not None:
+                query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            layer_keys[rows, :, positions] = key.transpose(1, 2)
+            layer_values[rows, :, positions] = value.transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                query, layer_keys, layer_values, attn_mask=mask, scale=attention.scaling
+            )
+            hidden = hidden + attention.o_proj(
+                attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+            )
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return inner.norm(hidden)
+
+    def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        """Feed ``ids`` at positions ``start..``; return fp32 logits ``[1, V]`` of the last.
+
+        Positions ``0..start-1`` of the slot must already hold the prefix's keys/values.
+        """
+        end = start + len(ids)
+        self.cache.reserve(slot + 1, end)
+        cos, sin = self._rope_tables(end)
+        ids_tensor = torch.tensor([list(ids)], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        keys = [k[slot : slot + 1, :, :end] for k in self.cache.keys]
+        values = [v[slot : slot + 1, :, :end] for v in self.cache.values]
+        hidden = self._hidden(ids_tensor, positions, keys, values, cos, sin)
+        return self.head(hidden[:, -1]).float()
+
+    def decode(
+        self,
+        slots: Sequence[int],
+        longest: int,
+        slot_index: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Feed one token per running sequence; return fp32 logits ``[B, V]``.
+
+        Args:
+            slots: The rows' slots, in batch order.
+            longest: The largest position among the rows, plus one.
+            slot_index: ``slots`` as a tensor on the model's device.
+            tokens: Each row's new token, ``[B]``.
+            positions: Each row's position for it (tokens already in its slot), ``[B]``.
+        """
+        self.cache.reserve(max(slots) + 1, longest)
+        if self.compile:
+            low, high = 0, min(_power_of_two(max(slots) + 1), self.cache.rows)
+            length = self.cache.length
+        else:
+            low, high = min(slots), max(slots) + 1
+            length = min(_round_up(longest, KEY_BLOCK), self.cache.length)
+        cos, sin = self._rope_tables(self.cache.length)
+        local = slot_index - low
+        width = high - low
+        ids = tokens.new_zeros(width, 1).index_copy_(0, local, tokens[:, None])
+        where = positions.new_zeros(width, 1).index_copy_(0, local, positions[:, None])
+        keys = [k[low:high, :, :length] for k in self.cache.keys]
+        values = [v[low:high, :, :length] for v in self.cache.values]
+        hidden = self._step(ids, where, keys, values, cos, sin, local)
+        return self.head(hidden).float()
+
+    def _step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        local: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decode step proper: hidden states ``[B, H]`` of the running rows."""
+        arguments = (ids, positions, keys, values, cos, sin, local)
+        if self.compile:
+            try:
+                return self._compiled_step(*arguments)
+            except Exception as e:  # a compiler that cannot handle this model or machine
+                logger.warning(
+                    "torch.compile failed (%s: %s); the Baichuan2 engine goes on uncompiled",
+                    type(e).__name__,
+                    e,
+                )
+                self.compile = False
+        return self._select(*arguments)
+
+    def _select(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        local: torch.Tensor,
+    ) -> torch.Tensor:
+        return self._hidden(ids, positions, keys, values, cos, sin)[local, 0]
+
+    def _compiled_step(self, *arguments: Any) -> torch.Tensor:
+        """Run the compiled step, compiling it on first use (timed, logged)."""
+        if self._compiled is None:
+            config = torch._dynamo.config
+            # One graph per batch bucket and buffer size: allow a few dozen.
+            if hasattr(config, "recompile_limit"):
+                config.recompile_limit = max(config.recompile_limit, 64)
+            else:
+                config.cache_size_limit = max(config.cache_size_limit, 64)
+            cuda = self.device.type == "cuda"
+            self._compiled = torch.compile(
+                self._select, dynamic=False, mode="reduce-overhead" if cuda else None
+            )
+        for buffer in (*self.cache.keys, *self.cache.values):
+            torch._dynamo.mark_static_address(buffer)
+        shape = (arguments[0].shape[0], self.cache.length)
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        hidden = self._compiled(*arguments)
+        if shape not in self._compiled_shapes:
+            self._compiled_shapes.add(shape)
+            self._log_compile(started, shape)
+        return hidden
+
+    def write(self, slot: int, kv: LayerKV) -> None:
+        """Put a stored prefix's keys/values at the start of ``slot``."""
+        self.cache.reserve(slot + 1, kv[0][0].shape[2] if kv else 0)
+        self.cache.write(slot, kv)
+
+    def read(self, slot: int, length: int) -> LayerKV:
+        """Views of the first ``length`` positions of ``slot``'s keys/values."""
+        return self.cache.read(slot, length)
+
+    def _log_compile(self, started: float, what: Any) -> None:
+        seconds = time.perf_counter() - started
+        self.compile_seconds += seconds
+        logger.info("Compiled the Baichuan2 decode step for %s in %.1f s", what, seconds)
