@@ -16,47 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
 import torch
-from common import bench_checkpoint, model_arguments
+from common import bench_checkpoint, concurrent_throughput, model_arguments, timed_stream
 
 from langchain_baichuan2 import ChatBaichuan2
-
-
-def timed_stream(llm: ChatBaichuan2, prompt: str) -> tuple[float, float, int, str]:
-    """Seconds to the first chunk, seconds of decoding after it, tokens, text."""
-    start = time.perf_counter()
-    first = None
-    text = []
-    tokens = 0
-    for chunk in llm.stream(prompt):
-        if first is None:
-            first = time.perf_counter()
-        text.append(chunk.text)
-        if chunk.usage_metadata:
-            tokens = chunk.usage_metadata["output_tokens"]
-    end = time.perf_counter()
-    assert first is not None
-    return first - start, end - first, tokens, "".join(text)
-
-
-def concurrent_throughput(llm: ChatBaichuan2, prompts: list[str]) -> tuple[float, list[str]]:
-    """Tokens per second of all ``prompts`` streamed at once, and their texts."""
-    results: dict[int, tuple[float, float, int, str]] = {}
-
-    def worker(i: int) -> None:
-        results[i] = timed_stream(llm, prompts[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    return sum(r[2] for r in results.values()) / seconds, [results[i][3] for i in sorted(results)]
 
 
 def main() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Literal
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.testing import make_tiny_checkpoint
@@ -19,8 +22,14 @@ def model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def bench_checkpoint(args: argparse.Namespace, name: str, *, real_vocab: bool = True) -> Path:
-    """A random 7B-shaped checkpoint of ``args.hidden`` x ``args.layers``.
+def bench_checkpoint(
+    args: argparse.Namespace,
+    name: str,
+    *,
+    real_vocab: bool = True,
+    variant: Literal["7b", "13b"] = "7b",
+) -> Path:
+    """A random checkpoint of ``args.hidden`` x ``args.layers`` (7B or 13B shaped).
 
     It uses the real 125,696-piece tokenizer when ``../shared`` has it (so the head costs
     what it costs in the real model), else a tiny trained one.
@@ -28,7 +37,7 @@ def bench_checkpoint(args: argparse.Namespace, name: str, *, real_vocab: bool = 
     use_real = real_vocab and REAL_TOKENIZER.is_file()
     return make_tiny_checkpoint(
         tempfile.mkdtemp(prefix=f"bench-{name}-"),
-        "7b",
+        variant,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
@@ -50,3 +59,37 @@ def fixed_length_llm(folder: Path, new_tokens: int) -> ChatBaichuan2:
         model_kwargs={"min_new_tokens": new_tokens},
         prefix_cache_tokens=0,
     )
+
+
+def timed_stream(llm: ChatBaichuan2, prompt: str) -> tuple[float, float, int, str]:
+    """Seconds to the first chunk, seconds of decoding after it, tokens, text."""
+    start = time.perf_counter()
+    first = None
+    text = []
+    tokens = 0
+    for chunk in llm.stream(prompt):
+        if first is None:
+            first = time.perf_counter()
+        text.append(chunk.text)
+        if chunk.usage_metadata:
+            tokens = chunk.usage_metadata["output_tokens"]
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, end - first, tokens, "".join(text)
+
+
+def concurrent_throughput(llm: ChatBaichuan2, prompts: list[str]) -> tuple[float, list[str]]:
+    """Tokens per second of all ``prompts`` streamed at once, and their texts."""
+    results: dict[int, tuple[float, float, int, str]] = {}
+
+    def worker(i: int) -> None:
+        results[i] = timed_stream(llm, prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    return sum(r[2] for r in results.values()) / seconds, [results[i][3] for i in sorted(results)]

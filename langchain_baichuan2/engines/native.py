@@ -556,7 +556,7 @@ class NativeEngine(Engine):
                 except Exception as e:  # only this request fails; the batch goes on
                     failed[i] = e
                     logits[i] = 0.0  # a harmless row for the shared sampling below
-        picked = choose_tokens(logits, batch.settings)
+        picked = self._pick(logits, rows, batch.settings)
         tokens, excluded, overflowed = picked.tolist()  # the step's one wait for the device
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -600,6 +600,10 @@ class NativeEngine(Engine):
         for row in batch.rows:
             row.length += 1
         batch.positions += 1
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row], settings: RowSettings) -> torch.Tensor:
+        """Each row's token and failure flags, ``[3, B]`` (see ``choose_tokens``)."""
+        return choose_tokens(logits, settings)
 
     @staticmethod
     def _row_error(row: _Row, excluded: int, overflowed: int) -> Exception | None:

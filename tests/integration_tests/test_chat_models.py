@@ -12,6 +12,8 @@ from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
+from .tiny import picked_tokens
+
 QUESTION = "What is the capital of France?"
 
 
@@ -169,13 +171,14 @@ def test_leaving_a_stream_early_cancels_and_the_next_call_works(tiny_7b, monkeyp
     )
     engine = engine_for(llm.loaded_model())
     steps = []
-    original = engine.model.forward
+    embed = engine.model.model.embed_tokens
+    original = embed.forward
 
     def counting_forward(*args, **kwargs):
         steps.append(time.perf_counter())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", counting_forward)
+    monkeypatch.setattr(embed, "forward", counting_forward)
     stream = llm.stream(QUESTION)
     for i, _ in enumerate(stream):
         if i == 3:
@@ -268,7 +271,8 @@ def test_an_error_in_the_generation_thread_reaches_the_caller(tiny_7b, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(engine.model, "forward", broken)
+    # The first module of every forward pass (the engine's own and the model's).
+    monkeypatch.setattr(engine.model.model.embed_tokens, "forward", broken)
     with pytest.raises(RuntimeError, match="simulated device failure"):
         llm.invoke("hi")
     monkeypatch.undo()
@@ -349,7 +353,7 @@ def test_the_real_tokenizer_stream_never_splits_a_character(
     def scripted_pick(self, logits, rows, *args):
         token = script[position["next"]]
         position["next"] += 1
-        return torch.full((len(rows),), token, dtype=torch.long)
+        return picked_tokens(token, len(rows))
 
     monkeypatch.setattr(NativeEngine, "_pick", scripted_pick)
     chunks = [c.content for c in llm.stream("你好")]

@@ -6,7 +6,6 @@ from typing import Literal
 
 import pydantic.v1 as pydantic_v1
 import pytest
-import torch
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from pydantic import BaseModel
 from typing_extensions import TypedDict
@@ -16,6 +15,8 @@ from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.testing import make_tiny_checkpoint
 from langchain_baichuan2.tools import format_tools
+
+from .tiny import picked_tokens
 
 
 class Address(BaseModel):
@@ -115,7 +116,7 @@ def test_a_call_cut_by_max_tokens_becomes_an_invalid_tool_call(tiny_7b, monkeypa
     steps = iter(script * 2)
 
     def scripted_pick(self, logits, rows, *args):
-        return torch.full((len(rows),), next(steps), dtype=torch.long)
+        return picked_tokens(next(steps), len(rows))
 
     monkeypatch.setattr(NativeEngine, "_pick", scripted_pick)
     reply = llm.bind_tools([Order]).invoke("hi", max_tokens=len(script))
@@ -134,7 +135,7 @@ def test_a_token_the_grammar_rejects_fails_only_that_request(tiny_7b, monkeypatc
     llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=20)
     bad = llm.loaded_model().tokenizer.encode("x", add_special_tokens=False)[0]
     monkeypatch.setattr(
-        NativeEngine, "_pick", lambda self, logits, rows, *a: torch.full((len(rows),), bad)
+        NativeEngine, "_pick", lambda self, logits, rows, *a: picked_tokens(bad, len(rows))
     )
     with pytest.raises(RuntimeError, match="grammar rejected token"):
         llm.bind_tools([Order], tool_choice="any").invoke("hi")
