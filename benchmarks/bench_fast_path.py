@@ -33,11 +33,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from bench_model import as_llama
 from common import bench_checkpoint, concurrent_throughput, model_arguments, timed_stream
 from transformers import TextStreamer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.modeling import BaichuanForCausalLM
@@ -97,7 +103,7 @@ class _TokenTimes(TextStreamer):
 
 @torch.inference_mode()
 def generate_rate(
-    model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int
+    model: Any, ids: torch.Tensor, new_tokens: int, repeats: int, penalty: float
 ) -> float:
     """Best per-token decode rate of ``model.generate()`` (greedy), prefill excluded."""
     rates = []
@@ -108,6 +114,7 @@ def generate_rate(
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
+            repetition_penalty=penalty,
             streamer=times,
         )
         rates.append((len(times.times) - 2) / (times.times[-1] - times.times[1]))
@@ -116,11 +123,15 @@ def generate_rate(
 
 @torch.inference_mode()
 def official_rate(
-    code: Path, folder: Path, ids: torch.Tensor, new_tokens: int, repeats: int
+    code: Path, folder: Path, ids: torch.Tensor, new_tokens: int, repeats: int, penalty: float
 ) -> float:
-    """Decode rate of the official code: a greedy loop over its forward and tuple cache."""
+    """Decode rate of the official code, run as its ``generate()`` runs it (greedy).
+
+    Its class predates transformers 5's ``generate()``, so the loop is written out: its
+    forward with its own tuple KV cache, plus the logits processors ``generate()``
+    applies for these settings (repetition penalty, min_new_tokens).
+    """
     sys.path.insert(0, str(code.parent))
-    package = importlib.import_module(code.name)
     modeling = importlib.import_module(f"{code.name}.modeling_baichuan")
     config_module = importlib.import_module(f"{code.name}.configuration_baichuan")
     config = config_module.BaichuanConfig(**json.loads((folder / "config.json").read_text()))
@@ -128,15 +139,26 @@ def official_rate(
     ours = BaichuanForCausalLM.from_pretrained(folder, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and not [m for m in missing if "future_mask" not in m], missing
-    del package, ours
+    del ours
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(penalty),
+            MinNewTokensLengthLogitsProcessor(ids.shape[1], new_tokens, [2]),
+        ]
+    )
     rates = []
     for _ in range(repeats):
+        sequence = ids
         out = model(input_ids=ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(new_tokens):
+            scores = processors(sequence, out.logits[:, -1].float())
+            token = scores.argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=-1)
+            if step == 0:
+                start = time.perf_counter()  # from the first token on, as for the engine
+            if step < new_tokens - 1:
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         rates.append((new_tokens - 1) / (time.perf_counter() - start))
     return max(rates)
 
@@ -203,21 +225,23 @@ def main() -> None:
     ids = torch.tensor([tokenizer.encode(long_prompt(probe, args.prompt_tokens))])
     ours = BaichuanForCausalLM.from_pretrained(seven, dtype=torch.float32)
     ours.generation_config.eos_token_id = None
+    # Every baseline applies the checkpoint's repetition penalty, as the engine does.
+    penalty = probe.loaded_model().generation_config.repetition_penalty
+    timing = (args.new_tokens, args.repeats, penalty)
     baselines = {
-        "7b: Llama generate()": generate_rate(as_llama(ours), ids, args.new_tokens, args.repeats),
-        "7b: our model's generate()": generate_rate(ours, ids, args.new_tokens, args.repeats),
+        "7b: Llama generate()": generate_rate(as_llama(ours), ids, *timing),
+        "7b: our model's generate()": generate_rate(ours, ids, *timing),
     }
     if args.official_code:
-        baselines["13b: official code"] = official_rate(
-            args.official_code, thirteen, ids, args.new_tokens, args.repeats
-        )
+        baselines["13b: official code"] = official_rate(args.official_code, thirteen, ids, *timing)
     else:
         baselines["13b: official code (recorded, not measured)"] = RECORDED_OFFICIAL_13B
 
     device = "GPU" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"hidden {args.hidden}, layers {args.layers}, vocab {len(tokenizer)}, fp32, {device}; "
-        f"prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, greedy"
+        f"prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, greedy, "
+        f"repetition_penalty {penalty}"
     )
     print(f"{'engine':28s} {'b1 decode tok/s':>16s} {'8 streams tok/s':>16s} {'first call s':>13s}")
     for name, r in rows.items():

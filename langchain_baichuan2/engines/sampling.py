@@ -103,8 +103,8 @@ def choose_tokens(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:
     every token). *Overflowed*: a sampled row whose settings (say, a temperature of
     1e-45) leave no valid probabilities. Both only concern their own row.
     """
-    tokens = logits.argmax(dim=-1)
-    excluded = ~torch.isfinite(logits).any(dim=-1)
+    best, tokens = logits.max(dim=-1)
+    excluded = ~(best > -math.inf)  # every logit -inf (or NaN)
     overflowed = torch.zeros_like(excluded)
     if settings.any_sampled:
         warped = _filter(logits / settings.temperature[:, None], settings)
