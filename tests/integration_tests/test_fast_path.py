@@ -1,0 +1,126 @@
+"""The native engine's fast path (slot KV cache, compiled step) against independent truths."""
+
+import logging
+
+import pytest
+import torch
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engines.native import engine_for
+from langchain_baichuan2.engines.slot_model import SlotModel
+from langchain_baichuan2.loading import load_model_and_tokenizer
+from langchain_baichuan2.testing import make_tiny_checkpoint
+
+
+def full_forward_logits(model, ids):
+    """Next-token logits of ``ids`` from one forward pass without any cache."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+
+
+@pytest.fixture(scope="module", params=["7b", "13b"])
+def model(request, tmp_path_factory):
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp(f"fast-{request.param}"), request.param)
+    return load_model_and_tokenizer(folder).model
+
+
+def test_rows_in_scattered_slots_decode_as_full_forward_passes(model):
+    """Rows of different lengths, in slots 0 and 2 (slot 1 freed), grow past the buffer."""
+    slots = SlotModel(model)
+    prompts = [list(range(3, 3 + 250)), list(range(40, 40 + 17))]
+    first, gap, third = (slots.cache.acquire(len(p) + 1) for p in (prompts[0], [1], prompts[1]))
+    slots.cache.release(gap)
+    rows = [(first, prompts[0]), (third, prompts[1])]
+    with torch.no_grad():
+        logits = [slots.prefill(slot, ids, 0)[0] for slot, ids in rows]
+        for _ in range(12):  # crosses 256 positions: the buffers double mid-decode
+            for (_, ids), got in zip(rows, logits, strict=True):
+                expected = full_forward_logits(model, ids)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+                ids.append(int(got.argmax()))
+            lengths = [len(ids) - 1 for _, ids in rows]
+            logits = slots.decode(
+                [slot for slot, _ in rows],
+                max(lengths) + 1,
+                torch.tensor([slot for slot, _ in rows]),
+                torch.tensor([ids[-1] for _, ids in rows]),
+                torch.tensor(lengths),
+            )
+    assert slots.cache.length == 512
+
+
+def test_a_stored_prefix_written_into_a_slot_continues_as_a_full_forward_pass(model):
+    source, target = SlotModel(model), SlotModel(model)
+    ids = list(range(5, 60))
+    with torch.no_grad():
+        slot = source.cache.acquire(len(ids))
+        source.prefill(slot, ids, 0)
+        reused = 30
+        other = target.cache.acquire(len(ids))
+        target.write(
+            other,
+            [
+                (k[:, :, :reused].clone(), v[:, :, :reused].clone())
+                for k, v in source.read(slot, len(ids))
+            ],
+        )
+        got = target.prefill(other, ids[reused:], reused)[0]
+    torch.testing.assert_close(got, full_forward_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_gives_the_uncompiled_text_and_reports_its_compile_time(tmp_path, caplog):
+    folder = make_tiny_checkpoint(tmp_path / "compiled", "13b")
+    settings = {"model": str(folder), "temperature": 0, "max_tokens": 12, "prefix_cache_tokens": 0}
+    prompts = ["first question", "a second, longer question about the sea"]
+    eager = ChatBaichuan2(**settings, compile=False)
+    expected = [eager.invoke(p).content for p in prompts]
+    compiled = ChatBaichuan2(**settings, compile=True)
+    with caplog.at_level(logging.INFO, logger="langchain_baichuan2.engines.slot_model"):
+        assert [compiled.invoke(p).content for p in prompts] == expected
+        assert [m.content for m in compiled.batch(prompts)] == expected
+    slot_model = engine_for(compiled.loaded_model()).slot_model
+    assert slot_model.compile  # it did not fall back
+    assert slot_model.compile_seconds > 0
+    assert "Compiled the Baichuan2 decode step" in caplog.text
+
+
+def test_a_compiler_that_fails_falls_back_to_the_same_text(tmp_path, monkeypatch, caplog):
+    folder = make_tiny_checkpoint(tmp_path / "no-compiler", "7b")
+    llm = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=10, compile=False)
+    expected = llm.invoke("hello there").content
+
+    def broken_compile(*args, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING):
+        again = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=10, compile=True)
+        assert again.invoke("hello there").content == expected
+    assert "no C++ compiler found" in caplog.text
+    assert engine_for(again.loaded_model()).slot_model.compile is False
+    assert again.invoke("hello there").content == expected
+
+
+def test_quantized_weights_run_uncompiled(tiny_13b):
+    llm = ChatBaichuan2(
+        model=str(tiny_13b), quantization="8bit", temperature=0, max_tokens=6, compile=True
+    )
+    assert llm.invoke("hi").usage_metadata["output_tokens"] >= 1
+    assert engine_for(llm.loaded_model()).slot_model.compile is False
+
+
+def test_cpu_fp32_weights_are_relaid_out_without_changing_values(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "layout", "7b")
+    model = load_model_and_tokenizer(folder).model
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    ids = list(range(3, 40))
+    expected = full_forward_logits(model, ids)
+    SlotModel(model)
+    w_pack = model.model.layers[0].self_attn.W_pack.weight
+    assert not w_pack.is_contiguous() and w_pack.t().is_contiguous()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    torch.testing.assert_close(full_forward_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
