@@ -26,10 +26,8 @@ from typing import Any, cast
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessor,
-    MinNewTokensLengthLogitsProcessor,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
-    SuppressTokensLogitsProcessor,
 )
 
 from langchain_baichuan2.engines.base import (
@@ -54,21 +52,14 @@ from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.prefix_cache import PrefixCache
 
-# Extra generate() arguments the engine applies, each as transformers' own processor,
-# built from (value, prompt length, eos ids, device): tensors they keep must live where
-# the logits are.
-EXTRA_ARGUMENTS: dict[str, Callable[[Any, int, set[int], str], LogitsProcessor]] = {
-    "min_new_tokens": lambda v, prompt_len, eos, device: MinNewTokensLengthLogitsProcessor(
-        prompt_len, int(v), sorted(eos), device=device
-    ),
-    "no_repeat_ngram_size": lambda v, prompt_len, eos, device: NoRepeatNGramLogitsProcessor(int(v)),
-    "suppress_tokens": lambda v, prompt_len, eos, device: SuppressTokensLogitsProcessor(
-        list(v), device=device
-    ),
-    "bad_words_ids": lambda v, prompt_len, eos, device: NoBadWordsLogitsProcessor(
-        [list(w) for w in v], sorted(eos)
-    ),
+# Extra generate() arguments the engine applies as transformers' own processors, built
+# from (value, eos ids). They read each row's ids; ``min_new_tokens`` and
+# ``suppress_tokens`` are applied directly on the device instead (same rule, no ids).
+PROCESSORS: dict[str, Callable[[Any, set[int]], LogitsProcessor]] = {
+    "no_repeat_ngram_size": lambda v, eos: NoRepeatNGramLogitsProcessor(int(v)),
+    "bad_words_ids": lambda v, eos: NoBadWordsLogitsProcessor([list(w) for w in v], sorted(eos)),
 }
+EXTRA_ARGUMENTS = ("min_new_tokens", "suppress_tokens", *PROCESSORS)
 
 
 def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
@@ -141,17 +132,22 @@ class _Row:
         self.started = time.perf_counter()
         extra = dict(params.extra)
         self.min_new_tokens = int(extra.pop("min_new_tokens", 0))
-        prompt_len, device = len(request.prompt_ids), str(engine.device)
-        self.processors = [
-            EXTRA_ARGUMENTS[name](value, prompt_len, engine.eos_ids, device)
-            for name, value in extra.items()
-        ]
+        suppressed = list(extra.pop("suppress_tokens", []))
+        self.suppressed = (
+            torch.tensor(suppressed, dtype=torch.long, device=engine.device) if suppressed else None
+        )
+        self.processors = [PROCESSORS[name](value, engine.eos_ids) for name, value in extra.items()]
         self.grammar = (
             GrammarMask(request.grammar, engine.vocab_size) if request.grammar is not None else None
         )
         self.slot = -1
         self.ids = list(request.prompt_ids)  # the prompt, then every token picked
         self.length = 0  # tokens whose keys/values are in the slot
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the row masks logits on every step (processors, suppression, grammar)."""
+        return bool(self.processors) or self.suppressed is not None or self.grammar is not None
 
     @property
     def generated(self) -> int:
@@ -255,7 +251,9 @@ class NativeEngine(Engine):
         """
         if compile is None:
             compile = self.device.type == "cuda"
-        quantized = getattr(self.model, "is_quantized", False)
+        quantized = any(
+            type(module).__module__.startswith("bitsandbytes") for module in self.model.modules()
+        )
         self.slot_model.compile = bool(compile) and not quantized
 
     # -- submitting -------------------------------------------------------------------
@@ -536,6 +534,8 @@ class NativeEngine(Engine):
         """Apply a row's own restrictions (min_new_tokens, processors, grammar) in place."""
         if row.generated < row.min_new_tokens:
             logits[0, self._eos_index] = -math.inf
+        if row.suppressed is not None:
+            logits[0, row.suppressed] = -math.inf
         if row.processors:
             ids = torch.tensor([row.ids], device=self.device)
             for processor in row.processors:
@@ -550,7 +550,7 @@ class NativeEngine(Engine):
         logits = apply_repetition_penalty(batch.logits, batch.seen, batch.settings)
         failed: dict[int, Exception] = {}
         for i, row in enumerate(rows):
-            if row.processors or row.grammar is not None or row.generated < row.min_new_tokens:
+            if row.restricted or row.generated < row.min_new_tokens:
                 try:
                     self._mask_row(row, logits[i : i + 1])
                 except Exception as e:  # only this request fails; the batch goes on

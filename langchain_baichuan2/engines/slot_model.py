@@ -116,17 +116,19 @@ class SlotModel:
         self.slopes = alibi_slopes(self.heads).to(self.device)
         self.head = HeadProjection(model.lm_head)
         store_layer_weights_transposed(model)
-        self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
+        self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.compile = compile
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._compiled_shapes: set[tuple[int, int]] = set()
+        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.compile_seconds = 0.0  # spent compiling so far (first call of each shape)
 
     # -- position encodings ---------------------------------------------------------
 
-    def _rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions ``0..length-1``, computed as the model computes them."""
-        if self._cos.shape[0] < length and self.inv_freq is not None:
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position the buffers hold, computed as the model does."""
+        length = self.cache.length
+        if self._cos.shape[0] != length and self.inv_freq is not None:
             positions = torch.arange(length, device=self.device)
             freqs = positions[:, None].float() * self.inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -195,7 +197,7 @@ class SlotModel:
         """
         end = start + len(ids)
         self.cache.reserve(slot + 1, end)
-        cos, sin = self._rope_tables(end)
+        cos, sin = self._rope_tables()
         ids_tensor = torch.tensor([list(ids)], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         keys = [k[slot : slot + 1, :, :end] for k in self.cache.keys]
@@ -221,19 +223,19 @@ class SlotModel:
             positions: Each row's position for it (tokens already in its slot), ``[B]``.
         """
         self.cache.reserve(max(slots) + 1, longest)
+        cos, sin = self._rope_tables()
         if self.compile:
             low, high = 0, min(_power_of_two(max(slots) + 1), self.cache.rows)
-            length = self.cache.length
+            keys, values = self._static_views(high)
         else:
             low, high = min(slots), max(slots) + 1
             length = min(_round_up(longest, KEY_BLOCK), self.cache.length)
-        cos, sin = self._rope_tables(self.cache.length)
+            keys = [k[low:high, :, :length] for k in self.cache.keys]
+            values = [v[low:high, :, :length] for v in self.cache.values]
         local = slot_index - low
         width = high - low
         ids = tokens.new_zeros(width, 1).index_copy_(0, local, tokens[:, None])
         where = positions.new_zeros(width, 1).index_copy_(0, local, positions[:, None])
-        keys = [k[low:high, :, :length] for k in self.cache.keys]
-        values = [v[low:high, :, :length] for v in self.cache.values]
         hidden = self._step(ids, where, keys, values, cos, sin, local)
         return self.head(hidden).float()
 
@@ -273,8 +275,27 @@ class SlotModel:
     ) -> torch.Tensor:
         return self._hidden(ids, positions, keys, values, cos, sin)[local, 0]
 
+    def _static_views(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The first ``rows`` rows of every buffer, the same tensor objects on every step.
+
+        Compiled graphs (CUDA graphs in particular) need their inputs at fixed addresses:
+        the views are marked static and kept until the buffers are reallocated.
+        """
+        key = (rows, self.cache.generation)
+        if key not in self._views:
+            if any(generation != self.cache.generation for _, generation in self._views):
+                self._views = {}
+            views = (
+                [k[:rows] for k in self.cache.keys],
+                [v[:rows] for v in self.cache.values],
+            )
+            for view in (*views[0], *views[1], *self._rope_tables()):
+                torch._dynamo.mark_static_address(view)
+            self._views[key] = views
+        return self._views[key]
+
     def _compiled_step(self, *arguments: Any) -> torch.Tensor:
-        """Run the compiled step, compiling it on first use (timed, logged)."""
+        """Run the compiled step, compiling it on first use of each shape (timed, logged)."""
         if self._compiled is None:
             config = torch._dynamo.config
             # One graph per batch bucket and buffer size: allow a few dozen.
@@ -286,8 +307,6 @@ class SlotModel:
             self._compiled = torch.compile(
                 self._select, dynamic=False, mode="reduce-overhead" if cuda else None
             )
-        for buffer in (*self.cache.keys, *self.cache.values):
-            torch._dynamo.mark_static_address(buffer)
         shape = (arguments[0].shape[0], self.cache.length)
         started = time.perf_counter()
         if self.device.type == "cuda":
