@@ -19,17 +19,13 @@ import os
 import time
 
 import torch
-from common import bench_checkpoint, concurrent_throughput, model_arguments, timed_stream
+from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
 
 from langchain_baichuan2 import ChatBaichuan2
 
 
 def main() -> None:
-    parser = model_arguments(argparse.ArgumentParser())
-    parser.set_defaults(layers=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = decode_arguments(argparse.ArgumentParser())
     parser.add_argument(
         "--repetition-penalty",
         type=float,

@@ -6,10 +6,9 @@ python benchmarks/bench_concurrency.py [--hidden 512 --layers 6 --new-tokens 64]
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-from common import bench_checkpoint, fixed_length_llm, model_arguments
+from common import bench_checkpoint, concurrent_throughput, fixed_length_llm, model_arguments
 
 
 def main() -> None:
@@ -31,19 +30,9 @@ def main() -> None:
     sequential = [stream(p) for p in prompts]
     sequential_s = time.perf_counter() - start
 
-    results: dict[int, str] = {}
-
-    def worker(i: int) -> None:
-        results[i] = stream(prompts[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.streams)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent_s = time.perf_counter() - start
-    identical = [results[i] for i in range(args.streams)] == sequential
+    rate, concurrent = concurrent_throughput(llm, prompts)
+    concurrent_s = args.streams * n / rate  # every stream decodes exactly n tokens
+    identical = concurrent == sequential
 
     total = args.streams * n
     print(

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from bench_model import as_llama
-from common import bench_checkpoint, concurrent_throughput, model_arguments, timed_stream
+from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
 from transformers import TextStreamer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -189,11 +189,7 @@ def baseline_engine(ref: str, folder: Path, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = model_arguments(argparse.ArgumentParser())
-    parser.set_defaults(layers=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = decode_arguments(argparse.ArgumentParser())
     parser.add_argument("--compile", action="store_true", help="also measure compiled")
     parser.add_argument("--baseline-ref", help="git ref of the engine to compare with")
     parser.add_argument("--official-code", type=Path, help="folder of the official 13B code")

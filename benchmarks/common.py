@@ -22,6 +22,16 @@ def model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def decode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Model size plus the decode-after-a-long-prompt settings (4 layers by default)."""
+    model_arguments(parser)
+    parser.set_defaults(layers=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
+
+
 def bench_checkpoint(
     args: argparse.Namespace,
     name: str,

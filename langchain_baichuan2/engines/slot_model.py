@@ -239,18 +239,8 @@ class SlotModel:
         hidden = self._step(ids, where, keys, values, cos, sin, local)
         return self.head(hidden).float()
 
-    def _step(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        local: torch.Tensor,
-    ) -> torch.Tensor:
-        """The decode step proper: hidden states ``[B, H]`` of the running rows."""
-        arguments = (ids, positions, keys, values, cos, sin, local)
+    def _step(self, *arguments: Any) -> torch.Tensor:
+        """The decode step proper (arguments of ``_select``), compiled or not."""
         if self.compile:
             try:
                 return self._compiled_step(*arguments)
@@ -273,6 +263,7 @@ class SlotModel:
         sin: torch.Tensor,
         local: torch.Tensor,
     ) -> torch.Tensor:
+        """Hidden states ``[B, H]`` of the running rows (``local``: their buffer rows)."""
         return self._hidden(ids, positions, keys, values, cos, sin)[local, 0]
 
     def _static_views(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
