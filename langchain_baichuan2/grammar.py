@@ -186,14 +186,20 @@ def tool_call_structural_tag(tools: list[dict[str, Any]]) -> dict[str, Any]:
 class GrammarMask:
     """Per-request grammar state: masks logits and follows the chosen tokens."""
 
-    def __init__(self, grammar: xgr.CompiledGrammar, vocab_size: int) -> None:
+    def __init__(
+        self, grammar: xgr.CompiledGrammar, vocab_size: int, device: torch.device | None = None
+    ) -> None:
         self.matcher = xgr.GrammarMatcher(grammar)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        if device is not None and device.type == "cuda":
+            # Pinned, so the copy to the GPU is queued without waiting for running work.
+            self.bitmask = self.bitmask.pin_memory()
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids to -inf, in place (``[1, V]``)."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device))
+        mask = self.bitmask.to(logits.device, non_blocking=self.bitmask.is_pinned())
+        xgr.apply_token_bitmask_inplace(logits, mask)
 
     def accept(self, token: int) -> bool:
         """Advance the grammar past ``token``; False if the grammar does not allow it."""

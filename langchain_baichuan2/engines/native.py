@@ -138,7 +138,9 @@ class _Row:
         )
         self.processors = [PROCESSORS[name](value, engine.eos_ids) for name, value in extra.items()]
         self.grammar = (
-            GrammarMask(request.grammar, engine.vocab_size) if request.grammar is not None else None
+            GrammarMask(request.grammar, engine.vocab_size, engine.device)
+            if request.grammar is not None
+            else None
         )
         self.slot = -1
         self.ids = list(request.prompt_ids)  # the prompt, then every token picked
@@ -164,8 +166,8 @@ class _Row:
 class _Batch:
     """The running rows, the device tensors describing them, and their next-token logits.
 
-    Settings, slots, positions and seen tokens are tensors rebuilt only when a row joins
-    or leaves; a step advances positions and marks the new tokens seen in place.
+    Settings, slots and positions are tensors rebuilt only when a row joins or leaves; a
+    step advances positions and appends the new tokens to the seen ids in place.
     """
 
     def __init__(self, engine: NativeEngine) -> None:
@@ -173,7 +175,9 @@ class _Batch:
         self.rows: list[_Row] = []
         device = engine.device
         self.logits = torch.empty(0, engine.vocab_size, device=device)  # [B, V]
-        self.seen = torch.zeros(0, engine.vocab_size, dtype=torch.bool, device=device)
+        # Every id each row has fed or picked (for the repetition penalty), padded with
+        # the row's first id, which it has seen anyway: [B, capacity].
+        self.seen_ids = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -186,21 +190,39 @@ class _Batch:
         )
         self.slot_index = torch.tensor([r.slot for r in self.rows], device=engine.device)
         self.positions = torch.tensor([r.length for r in self.rows], device=engine.device)
+        self.seen_count = torch.tensor([len(r.ids) for r in self.rows], device=engine.device)
+
+    def _reserve_seen(self, length: int) -> None:
+        """Make room for ``length`` seen ids per row (doubling, padded with first ids)."""
+        capacity = self.seen_ids.shape[1]
+        if length <= capacity:
+            return
+        while capacity < length:
+            capacity *= 2
+        padding = self.seen_ids[:, :1].expand(-1, capacity - self.seen_ids.shape[1])
+        self.seen_ids = torch.cat([self.seen_ids, padding], dim=1)
 
     def add(self, row: _Row, logits: torch.Tensor) -> None:
         """Join a prefilled row."""
-        prompt = torch.tensor(row.request.prompt_ids, device=self.engine.device)
-        seen = self.seen.new_zeros(1, self.seen.shape[1]).index_fill_(1, prompt, True)
+        self._reserve_seen(len(row.ids))
+        seen = self.seen_ids.new_full((1, self.seen_ids.shape[1]), row.ids[0])
+        seen[0, : len(row.ids)] = torch.tensor(row.ids, device=self.engine.device)
         self.rows.append(row)
         self.logits = torch.cat([self.logits, logits])
-        self.seen = torch.cat([self.seen, seen])
+        self.seen_ids = torch.cat([self.seen_ids, seen])
         self._refresh()
+
+    def see(self, tokens: torch.Tensor) -> None:
+        """Append each row's picked token to its seen ids."""
+        self._reserve_seen(max(len(r.ids) for r in self.rows) + 1)
+        self.seen_ids.scatter_(1, self.seen_count[:, None], tokens[:, None])
+        self.seen_count += 1
 
     def keep(self, index: list[int]) -> None:
         """Keep only the rows at ``index``."""
         select = torch.tensor(index, dtype=torch.long, device=self.engine.device)
         self.rows = [self.rows[i] for i in index]
-        self.logits, self.seen = self.logits[select], self.seen[select]
+        self.logits, self.seen_ids = self.logits[select], self.seen_ids[select]
         self._refresh()
 
     def release(self) -> None:
@@ -240,7 +262,8 @@ class NativeEngine(Engine):
         self._closed = False
         self.prefix_cache = PrefixCache()
         self._eos_index = torch.tensor(sorted(self.eos_ids), device=self.device)
-        self.slot_model = SlotModel(self.model)
+        with loaded.lock:  # it may re-store weights in place (CPU, fp32)
+            self.slot_model = SlotModel(self.model)
         self.set_compile(compile)
 
     def set_compile(self, compile: bool | None) -> None:
@@ -547,7 +570,7 @@ class NativeEngine(Engine):
     def _step(self, batch: _Batch) -> None:
         """Pick every row's next token, send the text, drop finished rows, advance."""
         rows = batch.rows
-        logits = apply_repetition_penalty(batch.logits, batch.seen, batch.settings)
+        logits = apply_repetition_penalty(batch.logits, batch.seen_ids, batch.settings)
         failed: dict[int, Exception] = {}
         for i, row in enumerate(rows):
             if row.restricted or row.generated < row.min_new_tokens:
@@ -557,6 +580,7 @@ class NativeEngine(Engine):
                     failed[i] = e
                     logits[i] = 0.0  # a harmless row for the shared sampling below
         picked = self._pick(logits, rows, batch.settings)
+        batch.see(picked[0])
         tokens, excluded, overflowed = picked.tolist()  # the step's one wait for the device
         keep = []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -588,7 +612,6 @@ class NativeEngine(Engine):
             next_tokens = next_tokens[keep]
         if not batch.rows:
             return
-        batch.seen[torch.arange(len(keep), device=self.device), next_tokens] = True
         with self.loaded.lock:
             batch.logits = self.slot_model.decode(
                 [row.slot for row in batch.rows],

@@ -61,17 +61,19 @@ class RowSettings:
 
 
 def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, settings: RowSettings
+    logits: torch.Tensor, seen_ids: torch.Tensor, settings: RowSettings
 ) -> torch.Tensor:
     """Penalize logits of tokens each row has seen (CTRL rule, as transformers does).
 
-    ``seen`` is a ``[B, V]`` boolean of the tokens in each row's prompt and output.
+    ``seen_ids`` ``[B, N]`` holds the ids of each row's prompt and output (repeats
+    allowed): only those logits are read and rewritten, not the whole vocabulary.
     """
     if not settings.penalized:
         return logits
     factor = settings.penalty[:, None]
-    penalized = torch.where(logits > 0, logits / factor, logits * factor)
-    return torch.where(seen, penalized, logits)
+    chosen = logits.gather(1, seen_ids)
+    penalized = torch.where(chosen < 0, chosen * factor, chosen / factor)
+    return logits.scatter(1, seen_ids, penalized)
 
 
 def _filter(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:

@@ -84,9 +84,12 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours():
 def test_repetition_penalty_equals_transformers_processor():
     logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4))
     seen_ids = torch.tensor([[1, 5, 5, 9], [0, 2, 3, 49]])
-    seen = torch.zeros(2, VOCAB, dtype=torch.bool).scatter_(1, seen_ids, True)
     params = [SamplingParams(max_new_tokens=1, repetition_penalty=1.3)] * 2
-    got = apply_repetition_penalty(logits.clone(), seen, settings_for(params))
+    got = apply_repetition_penalty(logits.clone(), seen_ids, settings_for(params))
+    # The rule by hand: seen tokens' positive logits divided, negative ones multiplied.
+    seen = torch.zeros(2, VOCAB, dtype=torch.bool).scatter_(1, seen_ids, True)
+    by_hand = torch.where(logits > 0, logits / 1.3, logits * 1.3)
+    torch.testing.assert_close(got, torch.where(seen, by_hand, logits), rtol=0, atol=0)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
