@@ -203,11 +203,11 @@ class _Batch:
         self.seen_ids = torch.cat([self.seen_ids, padding], dim=1)
 
     def add(self, row: _Row, logits: torch.Tensor) -> None:
-        """Join a prefilled row."""
+        """Join a prefilled row (first of all: if joining fails, the batch frees its slot)."""
+        self.rows.append(row)
         self._reserve_seen(len(row.ids))
         seen = self.seen_ids.new_full((1, self.seen_ids.shape[1]), row.ids[0])
         seen[0, : len(row.ids)] = torch.tensor(row.ids, device=self.engine.device)
-        self.rows.append(row)
         self.logits = torch.cat([self.logits, logits])
         self.seen_ids = torch.cat([self.seen_ids, seen])
         self._refresh()
@@ -262,15 +262,15 @@ class NativeEngine(Engine):
         self._closed = False
         self.prefix_cache = PrefixCache()
         self._eos_index = torch.tensor(sorted(self.eos_ids), device=self.device)
-        with loaded.lock:  # it may re-store weights in place (CPU, fp32)
-            self.slot_model = SlotModel(self.model)
+        self.slot_model = SlotModel(self.model)
         self.set_compile(compile)
 
     def set_compile(self, compile: bool | None) -> None:
         """Turn the compiled decode step on or off (None: on only for a CUDA GPU).
 
-        Compiling happens on the first step of each batch size and cache size, and only
-        for unquantized weights; if it fails, the engine warns and goes on uncompiled.
+        Compiling happens on the first step of each batch bucket and cache size, and only
+        for unquantized weights; if it fails, the engine warns and runs uncompiled from
+        then on.
         """
         if compile is None:
             compile = self.device.type == "cuda"
@@ -534,7 +534,7 @@ class NativeEngine(Engine):
         reused, prefix_kv = self.prefix_cache.lookup(prompt) if reuse else (0, None)
         slots = self.slot_model
         with self.loaded.lock:
-            row.slot = slots.cache.acquire(len(prompt) + 1)
+            row.slot = slots.acquire(len(prompt) + 1)
             try:
                 start = time.perf_counter()
                 if prefix_kv is not None:

@@ -77,25 +77,31 @@ def apply_repetition_penalty(
 
 
 def _filter(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:
-    """Mask (with -inf) what lies outside each row's top-k set and nucleus."""
+    """Mask (with -inf) what lies outside each row's top-k set and nucleus.
+
+    Top-k keeps every logit at or above the k-th largest (ties stay, as transformers'
+    ``TopKLogitsWarper`` does); top-p then drops, in sorted order, each candidate whose
+    preceding mass already reaches p (the first always stays), as ``TopPLogitsWarper``.
+    """
     if settings.largest_k >= settings.vocab_size and not settings.nucleus:
         return logits
     # Candidates in descending order: the largest k of them, or all when a row has no k.
     if settings.largest_k < settings.vocab_size:
-        candidates = logits.topk(settings.largest_k, dim=-1).values
+        candidates, order = logits.topk(settings.largest_k, dim=-1)
     else:
-        candidates = logits.sort(dim=-1, descending=True).values
+        candidates, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(candidates.shape[-1], device=logits.device)[None, :]
-    candidates = candidates.masked_fill(rank >= settings.top_k[:, None], -math.inf)
-    kept = (candidates > -math.inf).sum(dim=-1, keepdim=True).clamp(min=1)
+    in_top_k = candidates.masked_fill(rank >= settings.top_k[:, None], -math.inf)
+    kept = (in_top_k > -math.inf).sum(dim=-1, keepdim=True).clamp(min=1)
+    pivot = in_top_k.gather(1, kept - 1)
+    filtered = logits.masked_fill(logits < pivot, -math.inf)
     if settings.nucleus:
-        probs = candidates.softmax(dim=-1)
-        # Keep a token while the mass before it is below top_p; the first always stays.
+        probs = candidates.masked_fill(candidates < pivot, -math.inf).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        inside = (mass_before < settings.top_p[:, None]).sum(dim=-1, keepdim=True)
-        kept = torch.minimum(kept, inside.clamp(min=1))
-    pivot = candidates.gather(1, kept - 1)
-    return logits.masked_fill(logits < pivot, -math.inf)
+        outside = (mass_before >= settings.top_p[:, None]) & (rank > 0)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, outside)
+        filtered = filtered.masked_fill(drop, -math.inf)
+    return filtered
 
 
 def choose_tokens(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:

@@ -38,6 +38,15 @@ def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
+def _layer_device(layer: nn.Module, default: torch.device) -> torch.device:
+    """Where a decoder layer computes (accelerate's hook says so for offloaded layers)."""
+    hook_device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    device = next(layer.parameters()).device
+    return default if device.type == "meta" else device
+
+
 def _power_of_two(n: int) -> int:
     """The smallest power of two >= ``n``."""
     return 1 << max(n - 1, 0).bit_length()
@@ -88,11 +97,15 @@ class HeadProjection:
             if self._transposed is None:  # one extra copy of the head, made on first use
                 self._transposed = self.weight.t().contiguous()
             return hidden @ self._transposed
-        return (self.weight @ hidden.T).T
+        # Contiguous: per-row kernels (xgrammar's mask) assume row-major logits.
+        return (self.weight @ hidden.T).T.contiguous()
 
 
 class SlotModel:
     """The model's forward pass on a slot cache.
+
+    A model split over several devices (``device_map``) keeps each layer's keys/values
+    on that layer's device, and the hidden states follow the layers.
 
     Args:
         model: The loaded Baichuan2 model.
@@ -108,16 +121,16 @@ class SlotModel:
         self.device = embed.device
         self.heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.cache = SlotCache(
-            config.num_hidden_layers, self.heads, self.head_dim, self.dtype, self.device
-        )
+        devices = [_layer_device(layer, self.device) for layer in model.model.layers]
+        self.cache = SlotCache(devices, self.heads, self.head_dim, self.dtype)
         rotary = model.model.rotary_emb
         self.inv_freq = rotary.inv_freq.to(self.device) if rotary is not None else None
         self.slopes = alibi_slopes(self.heads).to(self.device)
         self.head = HeadProjection(model.lm_head)
-        store_layer_weights_transposed(model)
+        self._laid_out = False
         self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.compile = compile
+        self.compile_failed = False  # set once compiling failed: never tried again
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._compiled_shapes: set[tuple[int, int]] = set()
         self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -170,14 +183,20 @@ class SlotModel:
         hidden = inner.embed_tokens(ids)
         mask = self._mask(positions, keys[0].shape[2])
         rows = torch.arange(batch, device=ids.device)[:, None].expand(batch, seq)
-        cos = cos_table[positions] if self.inv_freq is not None else None
-        sin = sin_table[positions] if self.inv_freq is not None else None
+        rope = self.inv_freq is not None
+        # ALiBi: the (empty) tables travel along unused.
+        cos, sin = (cos_table[positions], sin_table[positions]) if rope else (cos_table, sin_table)
         for layer, layer_keys, layer_values in zip(inner.layers, keys, values, strict=True):
+            if hidden.device != layer_keys.device:  # the next device of a split model
+                device = layer_keys.device
+                hidden, mask, rows, positions, cos, sin = (
+                    t.to(device) for t in (hidden, mask, rows, positions, cos, sin)
+                )
             attention = layer.self_attn
             qkv = attention.W_pack(layer.input_layernorm(hidden))
             qkv = qkv.view(batch, seq, 3, self.heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, T, D]
-            if cos is not None:
+            if rope:
                 query, key = apply_rotary_pos_emb(query, key, cos, sin)
             layer_keys[rows, :, positions] = key.transpose(1, 2)
             layer_values[rows, :, positions] = value.transpose(1, 2)
@@ -194,16 +213,20 @@ class SlotModel:
         """Feed ``ids`` at positions ``start..``; return fp32 logits ``[1, V]`` of the last.
 
         Positions ``0..start-1`` of the slot must already hold the prefix's keys/values.
+        The first prefill re-stores CPU fp32 weights (``store_layer_weights_transposed``).
         """
+        if not self._laid_out:  # here, not when built: the caller holds the model's lock
+            store_layer_weights_transposed(self.model)
+            self._laid_out = True
         end = start + len(ids)
-        self.cache.reserve(slot + 1, end)
+        self._reserve(slot + 1, end)
         cos, sin = self._rope_tables()
         ids_tensor = torch.tensor([list(ids)], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         keys = [k[slot : slot + 1, :, :end] for k in self.cache.keys]
         values = [v[slot : slot + 1, :, :end] for v in self.cache.values]
         hidden = self._hidden(ids_tensor, positions, keys, values, cos, sin)
-        return self.head(hidden[:, -1]).float()
+        return self.head(hidden[:, -1]).float().to(self.device)
 
     def decode(
         self,
@@ -222,9 +245,10 @@ class SlotModel:
             tokens: Each row's new token, ``[B]``.
             positions: Each row's position for it (tokens already in its slot), ``[B]``.
         """
-        self.cache.reserve(max(slots) + 1, longest)
+        self._reserve(max(slots) + 1, longest)
         cos, sin = self._rope_tables()
-        if self.compile:
+        compiled = self.compile and not self.compile_failed  # read once: set elsewhere
+        if compiled:
             low, high = 0, min(_power_of_two(max(slots) + 1), self.cache.rows)
             keys, values = self._static_views(high)
         else:
@@ -236,24 +260,13 @@ class SlotModel:
         width = high - low
         ids = tokens.new_zeros(width, 1).index_copy_(0, local, tokens[:, None])
         where = positions.new_zeros(width, 1).index_copy_(0, local, positions[:, None])
-        hidden = self._step(ids, where, keys, values, cos, sin, local)
-        return self.head(hidden).float()
+        arguments = (ids, where, keys, values, cos, sin)
+        hidden = self._compiled_step(*arguments) if compiled else None
+        if hidden is None:
+            hidden = self._last_hidden(*arguments)
+        return self.head(hidden[local.to(hidden.device)]).float().to(self.device)
 
-    def _step(self, *arguments: Any) -> torch.Tensor:
-        """The decode step proper (arguments of ``_select``), compiled or not."""
-        if self.compile:
-            try:
-                return self._compiled_step(*arguments)
-            except Exception as e:  # a compiler that cannot handle this model or machine
-                logger.warning(
-                    "torch.compile failed (%s: %s); the Baichuan2 engine goes on uncompiled",
-                    type(e).__name__,
-                    e,
-                )
-                self.compile = False
-        return self._select(*arguments)
-
-    def _select(
+    def _last_hidden(
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
@@ -261,10 +274,9 @@ class SlotModel:
         values: list[torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
-        local: torch.Tensor,
     ) -> torch.Tensor:
-        """Hidden states ``[B, H]`` of the running rows (``local``: their buffer rows)."""
-        return self._hidden(ids, positions, keys, values, cos, sin)[local, 0]
+        """Hidden states ``[width, H]`` of a one-token step (the part that is compiled)."""
+        return self._hidden(ids, positions, keys, values, cos, sin)[:, 0]
 
     def _static_views(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The first ``rows`` rows of every buffer, the same tensor objects on every step.
@@ -274,8 +286,6 @@ class SlotModel:
         """
         key = (rows, self.cache.generation)
         if key not in self._views:
-            if any(generation != self.cache.generation for _, generation in self._views):
-                self._views = {}
             views = (
                 [k[:rows] for k in self.cache.keys],
                 [v[:rows] for v in self.cache.values],
@@ -285,8 +295,25 @@ class SlotModel:
             self._views[key] = views
         return self._views[key]
 
-    def _compiled_step(self, *arguments: Any) -> torch.Tensor:
-        """Run the compiled step, compiling it on first use of each shape (timed, logged)."""
+    def _compiled_step(self, *arguments: Any) -> torch.Tensor | None:
+        """Run the compiled step, compiling it on first use of each shape (timed, logged).
+
+        Returns None if compiling failed (logged once; the uncompiled step takes over).
+        """
+        try:
+            return self._run_compiled(*arguments)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a compiler that cannot handle this model or machine
+            logger.warning(
+                "torch.compile failed (%s: %s); the Baichuan2 engine goes on uncompiled",
+                type(e).__name__,
+                e,
+            )
+            self.compile_failed = True
+            return None
+
+    def _run_compiled(self, *arguments: Any) -> torch.Tensor:
         if self._compiled is None:
             config = torch._dynamo.config
             # One graph per batch bucket and buffer size: allow a few dozen.
@@ -296,7 +323,7 @@ class SlotModel:
                 config.cache_size_limit = max(config.cache_size_limit, 64)
             cuda = self.device.type == "cuda"
             self._compiled = torch.compile(
-                self._select, dynamic=False, mode="reduce-overhead" if cuda else None
+                self._last_hidden, dynamic=False, mode="reduce-overhead" if cuda else None
             )
         shape = (arguments[0].shape[0], self.cache.length)
         started = time.perf_counter()
@@ -308,9 +335,24 @@ class SlotModel:
             self._log_compile(started, shape)
         return hidden
 
+    def acquire(self, length: int) -> int:
+        """Take a free slot that holds ``length`` positions (growing the buffers)."""
+        slot = self.cache.acquire(length)
+        self._forget_stale_views()
+        return slot
+
+    def _reserve(self, rows: int, length: int) -> None:
+        self.cache.reserve(rows, length)
+        self._forget_stale_views()
+
+    def _forget_stale_views(self) -> None:
+        """Drop views of buffers the cache has replaced, so their memory is freed."""
+        if any(generation != self.cache.generation for _, generation in self._views):
+            self._views = {}
+
     def write(self, slot: int, kv: LayerKV) -> None:
         """Put a stored prefix's keys/values at the start of ``slot``."""
-        self.cache.reserve(slot + 1, kv[0][0].shape[2] if kv else 0)
+        self._reserve(slot + 1, kv[0][0].shape[2] if kv else 0)
         self.cache.write(slot, kv)
 
     def read(self, slot: int, length: int) -> LayerKV:

@@ -28,25 +28,25 @@ class SlotCache:
     """Per-layer key/value buffers whose rows are handed out to sequences.
 
     Args:
-        layers: Decoder layers of the model.
+        devices: The device of each decoder layer (its buffers live there).
         heads: Attention heads per layer.
         head_dim: Size of one head.
         dtype: Dtype of keys and values (the model's compute dtype).
-        device: Where the buffers live.
     """
 
     SMALLEST_LENGTH = 256
     SMALLEST_ROWS = 1
 
     def __init__(
-        self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self, devices: list[torch.device], heads: int, head_dim: int, dtype: torch.dtype
     ) -> None:
         self.shape = (heads, head_dim)
         self.dtype = dtype
-        self.device = device
-        self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]
-        self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]
+        self.devices = devices
+        self.keys: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
+        self.values: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
         self._used: list[bool] = []
+        self.length = 0  # positions each row holds
         # Bumped whenever the buffers are reallocated (compiled steps key on it).
         self.generation = 0
 
@@ -55,14 +55,9 @@ class SlotCache:
         """Rows the buffers hold."""
         return len(self._used)
 
-    @property
-    def length(self) -> int:
-        """Positions each row holds."""
-        return self.keys[0].shape[2]
-
-    def _empty(self, rows: int, length: int) -> torch.Tensor:
+    def _empty(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
         heads, head_dim = self.shape
-        return torch.zeros(rows, heads, length, head_dim, dtype=self.dtype, device=self.device)
+        return torch.zeros(rows, heads, length, head_dim, dtype=self.dtype, device=device)
 
     def acquire(self, length: int) -> int:
         """Take the lowest free slot, growing the buffers so it holds ``length`` positions."""
@@ -76,26 +71,33 @@ class SlotCache:
         self._used[slot] = False
 
     def reserve(self, rows: int, length: int) -> None:
-        """Grow the buffers (copying what they hold) to at least ``rows`` x ``length``."""
+        """Grow the buffers (copying what they hold) to at least ``rows`` x ``length``.
+
+        Every new buffer is allocated before any replaces an old one, so running out of
+        memory here leaves the cache as it was.
+        """
         new_rows = _capacity(rows, self.rows, self.SMALLEST_ROWS)
         new_length = _capacity(length, self.length, self.SMALLEST_LENGTH)
         if (new_rows, new_length) == (self.rows, self.length):
             return
-        old_rows, old_length = self.rows, self.length
-        for buffers in (self.keys, self.values):
-            for layer, old in enumerate(buffers):
-                grown = self._empty(new_rows, new_length)
-                grown[:old_rows, :, :old_length] = old
-                buffers[layer] = grown
-        self._used += [False] * (new_rows - old_rows)
+        grown = [
+            [self._empty(new_rows, new_length, old.device) for old in buffers]
+            for buffers in (self.keys, self.values)
+        ]
+        for old_buffers, new_buffers in zip((self.keys, self.values), grown, strict=True):
+            for old, new in zip(old_buffers, new_buffers, strict=True):
+                new[: self.rows, :, : self.length] = old
+        self.keys, self.values = grown
+        self._used += [False] * (new_rows - self.rows)
+        self.length = new_length
         self.generation += 1
 
     def write(self, slot: int, kv: LayerKV) -> None:
         """Copy stored keys/values (``[1, H, n, D]`` per layer) into positions ``0..n-1``."""
         for layer, (k, v) in enumerate(kv):
             n = k.shape[2]
-            self.keys[layer][slot, :, :n] = k[0]
-            self.values[layer][slot, :, :n] = v[0]
+            self.keys[layer][slot, :, :n] = k[0].to(self.devices[layer])
+            self.values[layer][slot, :, :n] = v[0].to(self.devices[layer])
 
     def read(self, slot: int, length: int) -> LayerKV:
         """Views of ``slot``'s first ``length`` positions, ``[1, H, length, D]`` per layer."""

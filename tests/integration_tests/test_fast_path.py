@@ -1,5 +1,6 @@
 """The native engine's fast path (slot KV cache, compiled step) against independent truths."""
 
+import asyncio
 import logging
 
 import pytest
@@ -79,7 +80,7 @@ def test_compiled_step_gives_the_uncompiled_text_and_reports_its_compile_time(tm
         assert [compiled.invoke(p).content for p in prompts] == expected
         assert [m.content for m in compiled.batch(prompts)] == expected
     slot_model = engine_for(compiled.loaded_model()).slot_model
-    assert slot_model.compile  # it did not fall back
+    assert slot_model.compile and not slot_model.compile_failed
     assert slot_model.compile_seconds > 0
     assert "Compiled the Baichuan2 decode step" in caplog.text
 
@@ -100,7 +101,7 @@ def test_a_compiler_that_fails_falls_back_to_the_same_text(tmp_path, monkeypatch
         again = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=10, compile=True)
         assert again.invoke("hello there").content == expected
     assert "no C++ compiler found" in caplog.text
-    assert engine_for(again.loaded_model()).slot_model.compile is False
+    assert engine_for(again.loaded_model()).slot_model.compile_failed
     assert again.invoke("hello there").content == expected
 
 
@@ -118,9 +119,83 @@ def test_cpu_fp32_weights_are_relaid_out_without_changing_values(tmp_path):
     before = {name: p.clone() for name, p in model.named_parameters()}
     ids = list(range(3, 40))
     expected = full_forward_logits(model, ids)
-    SlotModel(model)
+    with torch.no_grad():
+        SlotModel(model).prefill(0, ids, 0)
     w_pack = model.model.layers[0].self_attn.W_pack.weight
     assert not w_pack.is_contiguous() and w_pack.t().is_contiguous()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     torch.testing.assert_close(full_forward_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_constrained_row_beside_a_free_row_follows_its_grammar(tmp_path):
+    """Per-row grammar masks land on their own row whatever the batch's logits layout."""
+    folder = make_tiny_checkpoint(tmp_path / "mixed", "7b")
+    schema = {
+        "title": "Trip",
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    }
+    llm = ChatBaichuan2(
+        model=str(folder), temperature=0, max_tokens=60, prefix_cache_tokens=0, repetition_penalty=1
+    )
+    structured = llm.with_structured_output(schema, method="json_schema")
+    alone = structured.invoke("plan a trip")
+    free = ChatBaichuan2(
+        model=str(folder),
+        temperature=0,
+        max_tokens=60,
+        repetition_penalty=1,  # no penalty: the logits reach the mask as the head left them
+        model_kwargs={"min_new_tokens": 60},
+    )
+
+    async def together():
+        return await asyncio.gather(structured.ainvoke("plan a trip"), free.ainvoke("chat"))
+
+    engine = engine_for(llm.loaded_model())
+    with engine.gather(2):
+        result, _ = asyncio.run(together())
+    assert result == alone
+    assert set(result) == {"city", "days"}
+
+
+def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monkeypatch):
+    slots = SlotModel(model)
+    with torch.no_grad():
+        slots.prefill(slots.acquire(20), list(range(3, 23)), 0)
+    shapes = [tuple(k.shape) for k in slots.cache.keys]
+    allocations = {"n": 0}
+    original = slots.cache._empty
+
+    def failing(*args):
+        allocations["n"] += 1
+        if allocations["n"] == 3:
+            raise torch.OutOfMemoryError("simulated")
+        return original(*args)
+
+    monkeypatch.setattr(slots.cache, "_empty", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        slots.cache.reserve(1, 600)
+    assert [tuple(k.shape) for k in slots.cache.keys] == shapes
+    assert slots.cache.length == shapes[0][2]
+    monkeypatch.undo()
+    ids = list(range(3, 300))
+    with torch.no_grad():
+        got = slots.prefill(0, ids, 0)[0]
+    torch.testing.assert_close(got, full_forward_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_the_compiled_step_builds_one_graph_per_batch_bucket(tmp_path):
+    from torch._dynamo.utils import counters
+
+    folder = make_tiny_checkpoint(tmp_path / "buckets", "7b")
+    llm = ChatBaichuan2(
+        model=str(folder), temperature=0, max_tokens=6, prefix_cache_tokens=0, compile=True
+    )
+    before = counters["stats"]["unique_graphs"]
+    llm.invoke("one")
+    llm.batch(["two", "three", "four"])  # 3 rows, then fewer as they end: bucket 4
+    slot_model = engine_for(llm.loaded_model()).slot_model
+    assert not slot_model.compile_failed
+    assert counters["stats"]["unique_graphs"] - before == len(slot_model._compiled_shapes)

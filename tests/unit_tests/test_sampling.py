@@ -101,3 +101,12 @@ def test_failures_are_flagged_per_row():
     _, excluded, overflowed = choose_tokens(logits, settings_for(params)).tolist()
     assert excluded == [0, 1, 0]
     assert overflowed == [0, 0, 1]
+
+
+def test_top_p_keeps_one_of_two_tied_tokens_as_transformers_does():
+    logits = torch.full((1, VOCAB), -20.0)
+    logits[0, :3] = torch.tensor([2.0, 2.0, 1.0])
+    expected = TopPLogitsWarper(0.4)(None, logits.clone())
+    assert int(torch.isfinite(expected).sum()) == 1
+    tokens = draws(logits, sampled(top_p=0.4), n=200)
+    assert len(set(tokens.tolist())) == 1 and int(tokens[0]) in (0, 1)
