@@ -808,7 +808,7 @@ class ChatBaichuan2(BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[AIMessage]:
-        """Run the inputs as one left-padded batch on the model (not one by one)."""
+        """Run the inputs as one batch on the model (not one by one)."""
         if not inputs:
             return []
         engine = self.engine(kwargs.get("model"))

@@ -1,11 +1,13 @@
 """The native engine: our model in this process, a worker thread, a batched decode loop.
 
 Requests (prompt ids + sampling settings) are queued. The worker prefills each new
-request (reusing the KV cache of a stored prefix when one matches) and adds it to the
-running batch between decode steps (continuous batching); the batch then advances one
-token for every row at a time. Each request keeps its own sampling settings, stop
-strings and grammar, gets its own text deltas (UTF-8 safe, stop strings held back),
-finish reason, token counts and timings, and can be cancelled between steps. An error
+request into its own slot of the KV cache (``slots.py``; reusing the KV of a stored
+prefix when one matches) and adds it to the running batch between decode steps
+(continuous batching); the batch then advances one token for every row at a time
+(``slot_model.py``), its tokens chosen on the device (``sampling.py``). Each request
+keeps its own sampling settings, stop strings and grammar, gets its own text deltas
+(UTF-8 safe, stop strings held back), finish reason, token counts and timings, and can
+be cancelled between steps. An error
 in a prefill reaches that caller, one in a decode step every caller of the batch; the
 worker keeps serving.
 """
