@@ -50,6 +50,7 @@ from langchain_baichuan2.engines.sampling import (
     choose_tokens,
 )
 from langchain_baichuan2.engines.slot_model import SlotModel
+from langchain_baichuan2.engines.slots import doubled_capacity
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.prefix_cache import PrefixCache
@@ -196,11 +197,9 @@ class _Batch:
 
     def _reserve_seen(self, length: int) -> None:
         """Make room for ``length`` seen ids per row (doubling, padded with first ids)."""
-        capacity = self.seen_ids.shape[1]
-        if length <= capacity:
+        capacity = doubled_capacity(length, self.seen_ids.shape[1])
+        if capacity == self.seen_ids.shape[1]:
             return
-        while capacity < length:
-            capacity *= 2
         padding = self.seen_ids[:, :1].expand(-1, capacity - self.seen_ids.shape[1])
         self.seen_ids = torch.cat([self.seen_ids, padding], dim=1)
 

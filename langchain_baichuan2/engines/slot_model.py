@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from langchain_baichuan2.engines.slots import SlotCache
+from langchain_baichuan2.engines.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.modeling import BaichuanForCausalLM
 from langchain_baichuan2.modeling.modeling import alibi_slopes
 from langchain_baichuan2.prefix_cache import LayerKV
@@ -45,11 +45,6 @@ def _layer_device(layer: nn.Module, default: torch.device) -> torch.device:
         return torch.device(hook_device)
     device = next(layer.parameters()).device
     return default if device.type == "meta" else device
-
-
-def _power_of_two(n: int) -> int:
-    """The smallest power of two >= ``n``."""
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _cpu_fp32(weight: torch.Tensor | None) -> bool:
@@ -249,7 +244,7 @@ class SlotModel:
         cos, sin = self._rope_tables()
         compiled = self.compile and not self.compile_failed  # read once: set elsewhere
         if compiled:
-            low, high = 0, min(_power_of_two(max(slots) + 1), self.cache.rows)
+            low, high = 0, min(doubled_capacity(max(slots) + 1), self.cache.rows)
             keys, values = self._static_views(high)
         else:
             low, high = min(slots), max(slots) + 1

@@ -16,9 +16,9 @@ import torch
 from langchain_baichuan2.prefix_cache import LayerKV
 
 
-def _capacity(needed: int, current: int, smallest: int) -> int:
-    """The next power of two that holds ``needed`` (at least ``smallest``)."""
-    size = max(current, smallest)
+def doubled_capacity(needed: int, current: int = 1) -> int:
+    """``current`` (at least 1) doubled until it holds ``needed``."""
+    size = max(current, 1)
     while size < needed:
         size *= 2
     return size
@@ -76,8 +76,8 @@ class SlotCache:
         Every new buffer is allocated before any replaces an old one, so running out of
         memory here leaves the cache as it was.
         """
-        new_rows = _capacity(rows, self.rows, self.SMALLEST_ROWS)
-        new_length = _capacity(length, self.length, self.SMALLEST_LENGTH)
+        new_rows = doubled_capacity(rows, max(self.rows, self.SMALLEST_ROWS))
+        new_length = doubled_capacity(length, max(self.length, self.SMALLEST_LENGTH))
         if (new_rows, new_length) == (self.rows, self.length):
             return
         grown = [
