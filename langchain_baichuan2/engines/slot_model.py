@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from langchain_baichuan2.engines.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.modeling import BaichuanForCausalLM
-from langchain_baichuan2.modeling.modeling import alibi_slopes
+from langchain_baichuan2.modeling.modeling import alibi_bias, alibi_slopes
 from langchain_baichuan2.prefix_cache import LayerKV
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ class SlotModel:
         self.head_dim = config.head_dim
         devices = [_layer_device(layer, self.device) for layer in model.model.layers]
         self.cache = SlotCache(devices, self.heads, self.head_dim, self.dtype)
-        rotary = model.model.rotary_emb
-        self.inv_freq = rotary.inv_freq.to(self.device) if rotary is not None else None
+        self.rotary = model.model.rotary_emb  # None for ALiBi
         self.slopes = alibi_slopes(self.heads).to(self.device)
         self.head = HeadProjection(model.lm_head)
         self._laid_out = False
@@ -134,13 +133,12 @@ class SlotModel:
     # -- position encodings ---------------------------------------------------------
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every position the buffers hold, computed as the model does."""
+        """cos/sin for every position the buffers hold, from the model's own rotary module."""
         length = self.cache.length
-        if self._cos.shape[0] != length and self.inv_freq is not None:
-            positions = torch.arange(length, device=self.device)
-            freqs = positions[:, None].float() * self.inv_freq
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        if self._cos.shape[0] != length and self.rotary is not None:
+            positions = torch.arange(length, device=self.device)[None]
+            cos, sin = self.rotary(self._cos, positions)  # in the dtype of its first argument
+            self._cos, self._sin = cos[0], sin[0]
         return self._cos, self._sin
 
     def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -149,13 +147,10 @@ class SlotModel:
         RoPE: a boolean ``[B, 1, T, L]``. ALiBi: the additive bias ``m_h * (j - i)``
         with the dtype's minimum above the diagonal, ``[B, H, T, L]``.
         """
-        keys = torch.arange(length, device=positions.device)
-        allowed = keys[None, None, :] <= positions[:, :, None]  # [B, T, L]
-        if self.inv_freq is not None:
-            return allowed[:, None]
-        distance = (keys[None, None, :] - positions[:, :, None]).float()
-        bias = (self.slopes[None, :, None, None] * distance[:, None]).to(self.dtype)
-        return bias.masked_fill(~allowed[:, None], torch.finfo(self.dtype).min)
+        distance = torch.arange(length, device=positions.device) - positions[:, :, None]
+        if self.rotary is not None:
+            return (distance <= 0)[:, None]  # [B, T, L] -> [B, 1, T, L]
+        return alibi_bias(distance, self.slopes, self.dtype)
 
     # -- the forward pass ---------------------------------------------------------------
 
@@ -178,7 +173,7 @@ class SlotModel:
         hidden = inner.embed_tokens(ids)
         mask = self._mask(positions, keys[0].shape[2])
         rows = torch.arange(batch, device=ids.device)[:, None].expand(batch, seq)
-        rope = self.inv_freq is not None
+        rope = self.rotary is not None
         # ALiBi: the (empty) tables travel along unused.
         cos, sin = (cos_table[positions], sin_table[positions]) if rope else (cos_table, sin_table)
         for layer, layer_keys, layer_values in zip(inner.layers, keys, values, strict=True):

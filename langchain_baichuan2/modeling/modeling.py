@@ -216,6 +216,17 @@ class BaichuanPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
+def alibi_bias(distance: torch.Tensor, slopes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The causal ALiBi bias for key-minus-query distances ``[..., q, kv]``.
+
+    ``m_h * (j - i)`` for key ``j`` at or before query ``i``, the dtype's finite minimum
+    after it; returns ``[..., heads, q, kv]`` in ``dtype``.
+    """
+    distance = distance.float().unsqueeze(-3)
+    bias = (slopes[:, None, None] * distance).to(dtype)
+    return bias.masked_fill(distance > 0, torch.finfo(dtype).min)
+
+
 def _alibi_mask(
     config: BaichuanConfig,
     attention_mask: torch.Tensor | None,
@@ -237,10 +248,8 @@ def _alibi_mask(
     q_pos = torch.arange(past_len, kv_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
     slopes = alibi_slopes(config.num_attention_heads).to(device)
-    distance = (k_pos[None, :] - q_pos[:, None]).float()  # [q, kv]
     masked_value = torch.finfo(dtype).min
-    mask = (slopes[:, None, None] * distance).to(dtype)  # [H, q, kv]
-    mask = mask.masked_fill(distance > 0, masked_value)[None]  # causal; [1, H, q, kv]
+    mask = alibi_bias(k_pos[None, :] - q_pos[:, None], slopes, dtype)[None]  # [1, H, q, kv]
     if attention_mask is not None:
         if attention_mask.dim() == 2:
             keep = attention_mask[:, None, None, -kv_len:].bool()
