@@ -7,9 +7,8 @@ prefix when one matches) and adds it to the running batch between decode steps
 (``slot_model.py``), its tokens chosen on the device (``sampling.py``). Each request
 keeps its own sampling settings, stop strings and grammar, gets its own text deltas
 (UTF-8 safe, stop strings held back), finish reason, token counts and timings, and can
-be cancelled between steps. An error
-in a prefill reaches that caller, one in a decode step every caller of the batch; the
-worker keeps serving.
+be cancelled between steps. An error in a prefill reaches that caller, one in a decode
+step every caller of the batch; the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -264,6 +263,10 @@ class NativeEngine(Engine):
         self.prefix_cache = PrefixCache()
         self._eos_index = torch.tensor(sorted(self.eos_ids), device=self.device)
         self.slot_model = SlotModel(self.model)
+        # bitsandbytes layers run uncompiled (checked once: set_compile runs per call).
+        self._quantized = any(
+            type(module).__module__.startswith("bitsandbytes") for module in self.model.modules()
+        )
         self.set_compile(compile)
 
     def set_compile(self, compile: bool | None) -> None:
@@ -275,10 +278,7 @@ class NativeEngine(Engine):
         """
         if compile is None:
             compile = self.device.type == "cuda"
-        quantized = any(
-            type(module).__module__.startswith("bitsandbytes") for module in self.model.modules()
-        )
-        self.slot_model.compile = bool(compile) and not quantized
+        self.slot_model.compile = bool(compile) and not self._quantized
 
     # -- submitting -------------------------------------------------------------------
 
@@ -605,8 +605,9 @@ class NativeEngine(Engine):
                 ids = row.ids[: row.length]
                 self.prefix_cache.store(ids, self.slot_model.read(row.slot, row.length))
             row.request.send(row.summary())
-        for i in sorted(set(range(len(rows))) - set(keep)):
-            self.slot_model.cache.release(rows[i].slot)
+        for i, row in enumerate(rows):
+            if i not in keep:
+                self.slot_model.cache.release(row.slot)
         next_tokens = picked[0]
         if len(keep) < len(rows):
             batch.keep(keep)
