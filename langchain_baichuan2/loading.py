@@ -222,11 +222,17 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(msg)
 
 
+# safetensors' names of the floating-point dtypes a model weight may be stored in.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 def _check_weight_file(path: Path, config: BaichuanConfig | None) -> None:
     """Check a weights file's framing (cheap) so corrupt files fail with their name.
 
-    With a ``config``, safetensors shapes are checked against it too (quantized
-    checkpoints store packed shapes, so they pass None).
+    With a ``config``, every tensor's shape is checked against it and its dtype must
+    be floating point (quantized checkpoints store packed integer tensors, so they
+    pass None). Safetensors are read from their header; ``.bin`` files are memory-mapped
+    with ``weights_only=True``, so no tensor data is read.
     """
     try:
         if path.suffix == ".safetensors":
@@ -235,10 +241,17 @@ def _check_weight_file(path: Path, config: BaichuanConfig | None) -> None:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
                     if config is not None:
-                        _check_shape(path, key, tuple(f.get_slice(key).get_shape()), config)
+                        tensor = f.get_slice(key)
+                        _check_shape(path, key, tuple(tensor.get_shape()), config)
+                        _check_float(path, key, tensor.get_dtype())
         else:
             with zipfile.ZipFile(path):
                 pass
+            if config is not None:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                for key, value in state.items():
+                    _check_shape(path, key, tuple(value.shape), config)
+                    _check_float(path, key, _SAFETENSORS_NAMES.get(value.dtype, str(value.dtype)))
     except CheckpointError:
         raise
     except Exception as e:
@@ -275,6 +288,52 @@ def _check_shape(path: Path, key: str, shape: tuple[int, ...], config: BaichuanC
         raise CheckpointError(msg)
 
 
+_SAFETENSORS_NAMES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+
+
+def _check_float(path: Path, key: str, dtype: str) -> None:
+    """Raise when an unquantized checkpoint stores a tensor as integers or booleans.
+
+    Loading would cast such values to floats silently and the model would answer
+    garbage.
+    """
+    if dtype not in _FLOAT_DTYPES:
+        msg = (
+            f"Tensor {key!r} in {path} is stored as {dtype.removeprefix('torch.')}, not a "
+            "floating-point dtype: the weights are corrupt, or quantized without a "
+            "quantization_config in config.json"
+        )
+        raise CheckpointError(msg)
+
+
+def _check_tokenizer_size(folder: Path, config: BaichuanConfig) -> None:
+    """Raise when ``tokenizer.model`` and config.json disagree on the vocabulary size.
+
+    Ids past the embedding table would crash the engine at the first request.
+    """
+    import sentencepiece
+
+    path = folder / "tokenizer.model"
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        msg = f"{path} is not a SentencePiece model: {e}"
+        raise CheckpointError(msg) from e
+    pieces = processor.GetPieceSize()
+    if pieces != config.vocab_size:
+        msg = (
+            f"{path} has {pieces} pieces but config.json says vocab_size "
+            f"{config.vocab_size}: the tokenizer does not belong to these weights"
+        )
+        raise CheckpointError(msg)
+
+
 def read_config(folder: Path) -> BaichuanConfig:
     """Read ``config.json`` and insist that it describes a Baichuan2 model."""
     config_file = folder / "config.json"
@@ -303,6 +362,7 @@ def check_checkpoint(folder: Path) -> BaichuanConfig:
     if not (folder / "tokenizer.model").is_file():
         msg = f"{folder / 'tokenizer.model'} is missing: the tokenizer cannot be loaded"
         raise CheckpointError(msg)
+    _check_tokenizer_size(folder, config)
     quantized = getattr(config, "quantization_config", None) is not None
     for path in _weight_files(folder):
         _check_weight_file(path, None if quantized else config)
@@ -433,12 +493,6 @@ def _load(
     if legacy_state is None:
         _normalize_head_from_file(model, folder)
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
-    if len(tokenizer) != model.config.vocab_size:
-        msg = (
-            f"{folder / 'tokenizer.model'} has {len(tokenizer)} pieces but config.json says "
-            f"vocab_size {model.config.vocab_size}: the tokenizer does not belong to these weights"
-        )
-        raise CheckpointError(msg)
     loaded = LoadedModel(model, tokenizer, model.generation_config, folder)
     footprint = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in loaded.memory_footprint.items())
     logger.info("Loaded Baichuan2 from %s on %s (%s)", folder, device_map, footprint)

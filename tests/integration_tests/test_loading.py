@@ -372,3 +372,46 @@ def test_an_unquantized_load_does_not_import_bitsandbytes(tiny_7b):
         "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_config_vocab_smaller_than_the_tokenizer_fails_the_folder_check(tiny_13b, tmp_path):
+    from langchain_baichuan2.loading import check_checkpoint
+
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    pieces = config["vocab_size"]
+    config["vocab_size"] = pieces - 64
+    (folder / "config.json").write_text(json.dumps(config))
+    rewrite_safetensors(
+        folder,
+        lambda tensors: tensors.update(
+            {
+                name: tensors[name][: pieces - 64]
+                for name in ("model.embed_tokens.weight", "lm_head.weight")
+            }
+        ),
+    )
+    with pytest.raises(
+        CheckpointError, match=f"has {pieces} pieces but config.json says vocab_size {pieces - 64}"
+    ):
+        check_checkpoint(folder)
+
+
+def test_integer_weights_are_refused_in_safetensors(tiny_13b, tmp_path):
+    folder = copy_checkpoint(tiny_13b, tmp_path / "ckpt")
+    key = "model.layers.0.self_attn.W_pack.weight"
+    rewrite_safetensors(folder, lambda tensors: tensors.update({key: tensors[key].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=f"{key}.*stored as I32, not a floating-point"):
+        load_model_and_tokenizer(folder)
+
+
+def test_integer_weights_are_refused_in_bin_shards(tiny_7b, tmp_path):
+    folder = copy_checkpoint(tiny_7b, tmp_path / "ckpt")
+    key = "model.layers.0.self_attn.W_pack.weight"
+    for shard in folder.glob("pytorch_model-*.bin"):
+        state = torch.load(shard, weights_only=True)
+        if key in state:
+            state[key] = state[key].to(torch.int32)
+            torch.save(state, shard)
+    with pytest.raises(CheckpointError, match=f"{key}.*stored as int32, not a floating-point"):
+        load_model_and_tokenizer(folder)
