@@ -93,28 +93,102 @@ def run_demo(folder: Path | None = None, variant: str = "7b") -> None:
     print("chain:", repr(chain.invoke({"text": "good morning"})))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run the chosen command."""
-    parser = argparse.ArgumentParser(prog="baichuan2")
-    commands = parser.add_subparsers(dest="command", required=True)
-    chat = commands.add_parser("chat", help="streaming multi-turn chat in the terminal")
-    chat.add_argument("--model", required=True, help="local folder or model id")
-    chat.add_argument("--revision", default=None)
-    chat.add_argument(
-        "--source", default="auto", choices=["auto", "local", "modelscope", "huggingface"]
+def build_parser() -> argparse.ArgumentParser:
+    """The ``baichuan2`` argument parser, with a help text for every option."""
+    parser = argparse.ArgumentParser(
+        prog="baichuan2",
+        description="Run Baichuan2 locally: chat with a model, or try the offline demo.",
     )
-    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    chat.add_argument("--quantization", default=None, choices=["4bit", "8bit"])
-    chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument("--max-tokens", type=int, default=None)
-    demo = commands.add_parser("demo", help="offline demo on a tiny random checkpoint")
-    demo.add_argument("--variant", default="7b", choices=["7b", "13b"])
-    demo.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", required=True)
+    chat = commands.add_parser(
+        "chat",
+        help="streaming multi-turn chat in the terminal",
+        description="Chat with a Baichuan2 model: `clear` forgets the history, `exit` quits, "
+        "Ctrl-C stops the answer being written.",
+    )
+    chat.add_argument(
+        "--model",
+        required=True,
+        help="a local model folder, or a model id such as baichuan-inc/Baichuan2-7B-Chat",
+    )
+    chat.add_argument(
+        "--revision", default=None, help="branch, tag or commit of a model id (default: the latest)"
+    )
+    chat.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "local", "modelscope", "huggingface"],
+        help="auto (the default): an existing folder, else ModelScope, else the Hugging Face Hub",
+    )
+    chat.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weight dtype (default: auto, bfloat16 on a GPU and float32 on a CPU)",
+    )
+    chat.add_argument(
+        "--quantization",
+        default=None,
+        choices=["4bit", "8bit"],
+        help="quantize the weights at load with bitsandbytes (default: none)",
+    )
+    chat.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature, 0 for greedy (default: the checkpoint's, 0.3)",
+    )
+    chat.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="most tokens in one answer (default: the checkpoint's, 2048)",
+    )
+    demo = commands.add_parser(
+        "demo",
+        help="offline demo on a tiny random checkpoint",
+        description="Write a tiny random checkpoint and run a chat turn, a stream and a chain "
+        "on it, offline. Its weights are random, so its text is random too.",
+    )
+    demo.add_argument(
+        "--variant",
+        default="7b",
+        choices=["7b", "13b"],
+        help="shape family: 7b (RoPE) or 13b (ALiBi) (default: 7b)",
+    )
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="write the checkpoint into this folder and keep it, e.g. for `baichuan2 chat "
+        "--model DIR` (default: a temporary folder, removed afterwards)",
+    )
+    return parser
 
-    if args.command == "demo":
-        run_demo(args.dir, args.variant)
-        return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the chosen command.
+
+    Ctrl-C while the model loads (or the demo runs) ends the program with one line and
+    exit status 130, not a traceback; in the chat it stops only the answer being written.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            run_demo(args.dir, args.variant)
+            return 0
+        llm = _load(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    if llm is None:
+        return 1
+    run_chat(llm)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> ChatBaichuan2 | None:
+    """The chat model, loaded now rather than at the first question; None if it failed."""
     try:
         llm = ChatBaichuan2(
             model=args.model,
@@ -126,16 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tokens=args.max_tokens,
         )
         print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
-        llm.engine()  # load now, not at the first question
-    except KeyboardInterrupt:
-        print("\nInterrupted while loading.", file=sys.stderr)
-        return 130
+        llm.engine()
     except Exception as e:  # any load failure: one clear line, no traceback
         reason = " ".join(str(e).split())
         print(f"error: could not load {args.model!r}: {reason}", file=sys.stderr)
-        return 1
-    run_chat(llm)
-    return 0
+        return None
+    return llm
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """The command line: the chat REPL's commands and the offline demo."""
 
+import argparse
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.__main__ import main, run_chat
+from langchain_baichuan2.__main__ import build_parser, main, run_chat
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,3 +112,72 @@ def test_the_console_script_is_declared():
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["baichuan2"] == "langchain_baichuan2.__main__:main"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+@pytest.mark.parametrize("command", ["chat", "demo"])
+def test_help_explains_every_option(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no wrapping inside its text
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    options = [a for a in _subcommands()[command]._actions if a.option_strings != ["-h", "--help"]]
+    assert options
+    for option in options:
+        assert option.help and option.help.strip(), f"{option.option_strings} has no help text"
+        assert option.option_strings[-1] in shown
+        assert " ".join(option.help.split()) in shown
+
+
+def test_the_subcommands_are_chat_and_demo():
+    assert set(_subcommands()) == {"chat", "demo"}
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tiny_7b):
+    # The load is made slow, so that SIGINT surely arrives during it.
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from langchain_baichuan2 import ChatBaichuan2
+        from langchain_baichuan2.__main__ import main
+
+        def slow_load(self, model=None):
+            print("loading", flush=True)
+            time.sleep(120)
+
+        ChatBaichuan2.engine = slow_load
+        sys.exit(main(["chat", "--model", sys.argv[1]]))
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(tiny_7b)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "loading\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_ctrl_c_during_the_demo_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import langchain_baichuan2.testing
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(langchain_baichuan2.testing, "make_tiny_checkpoint", interrupted)
+    assert main(["demo", "--dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
