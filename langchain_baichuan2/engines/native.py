@@ -9,16 +9,24 @@ keeps its own sampling settings, stop strings and grammar, gets its own text del
 (UTF-8 safe, stop strings held back), finish reason, token counts and timings, and can
 be cancelled between steps. An error in a prefill reaches that caller, one in a decode
 step every caller of the batch; the worker keeps serving.
+
+Admission: a request joins when its whole slot fits, ``min(prompt + max_new_tokens,
+context)`` positions reserved up front within a memory budget (``kv_cache_bytes``);
+until then it waits in order, so buffers never grow in the middle of decoding and
+running out of memory while admitting fails only the newcomer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import math
+import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,10 +57,18 @@ from langchain_baichuan2.engines.sampling import (
     choose_tokens,
 )
 from langchain_baichuan2.engines.slot_model import SlotModel
-from langchain_baichuan2.engines.slots import doubled_capacity
+from langchain_baichuan2.engines.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.grammar import GrammarCompiler, GrammarMask
 from langchain_baichuan2.loading import LoadedModel
 from langchain_baichuan2.prefix_cache import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+# Most requests decoding at once, whatever the memory budget allows.
+DEFAULT_MAX_ROWS = 64
+# Share of a GPU's free memory (after loading) the key/value buffers may take by
+# default, before the prefill workspace is set aside.
+GPU_MEMORY_SHARE = 0.9
 
 # Extra generate() arguments the engine applies as transformers' own processors, built
 # from (value, eos ids). They read each row's ids; ``min_new_tokens`` and
@@ -69,8 +85,48 @@ def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
     reject_unsupported_arguments(extra, list(EXTRA_ARGUMENTS), "native")
 
 
-# Put in an engine's inbox to stop its worker.
+# Put in an engine's inbox to stop its worker, or to wake it for a warm-up.
 _SHUTDOWN = object()
+_WAKE = object()
+
+
+def context_length_of(config: Any) -> int:
+    """Longest sequence the model takes: ``model_max_length``, within RoPE's positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(config.model_max_length, positions or config.model_max_length)
+
+
+def prefill_workspace_bytes(config: Any, context: int) -> int:
+    """Memory a prefill of ``context`` tokens may need beside the key/value buffers.
+
+    A rough bound: the attention mask (per head for ALiBi, with fp32 intermediates)
+    plus 1 GiB for activations, logits and allocator slack.
+    """
+    heads = config.num_attention_heads if config.position_embedding == "alibi" else 1
+    return 2**30 + 8 * heads * context * context
+
+
+def default_kv_cache_bytes(cache: SlotCache, config: Any, context: int) -> int:
+    """The key/value budget when none is given.
+
+    On a GPU: 90% of the memory free on each layer's device after loading (counting
+    torch's cached free blocks), less a prefill workspace, for that device's share of
+    the layers. On a CPU: a quarter of the physical memory.
+    """
+    layers: dict[torch.device, int] = {}
+    for device in cache.devices:
+        layers[device] = layers.get(device, 0) + 1
+    per_layer_position = cache.position_bytes // len(cache.devices)
+    positions = []
+    for device, count in layers.items():
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            usable = GPU_MEMORY_SHARE * free - prefill_workspace_bytes(config, context)
+        else:
+            usable = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+        positions.append(max(0, int(usable)) // (count * per_layer_position))
+    return min(positions) * cache.position_bytes
 
 
 @dataclass
@@ -97,11 +153,13 @@ class _Request:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        reserved: int,
         grammar: Any = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.reserved = reserved  # positions its slot holds: the prompt and every token
         self.grammar = grammar  # the constraint compiled by xgrammar, or None
         self.cancelled = threading.Event()
         self.loop = loop
@@ -168,8 +226,8 @@ class _Row:
 class _Batch:
     """The running rows, the device tensors describing them, and their next-token logits.
 
-    Settings, slots and positions are tensors rebuilt only when a row joins or leaves; a
-    step advances positions and appends the new tokens to the seen ids in place.
+    Settings, slots and positions are tensors rebuilt only when a row joins, leaves or
+    moves; a step advances positions and appends the new tokens to the seen ids in place.
     """
 
     def __init__(self, engine: NativeEngine) -> None:
@@ -182,39 +240,57 @@ class _Batch:
         self.seen_ids = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._refresh()
 
-    def _refresh(self) -> None:
+    def _describe(
+        self, rows: list[_Row]
+    ) -> tuple[RowSettings, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Settings, slot index, positions and seen counts of ``rows`` on the device."""
         engine = self.engine
-        self.settings = RowSettings(
-            [row.request.params for row in self.rows],
-            [row.generator for row in self.rows],
+        settings = RowSettings(
+            [row.request.params for row in rows],
+            [row.generator for row in rows],
             engine.vocab_size,
             engine.device,
         )
-        self.slot_index = torch.tensor([r.slot for r in self.rows], device=engine.device)
-        self.positions = torch.tensor([r.length for r in self.rows], device=engine.device)
-        self.seen_count = torch.tensor([len(r.ids) for r in self.rows], device=engine.device)
+        return (
+            settings,
+            torch.tensor([r.slot for r in rows], device=engine.device),
+            torch.tensor([r.length for r in rows], device=engine.device),
+            torch.tensor([len(r.ids) for r in rows], device=engine.device),
+        )
 
-    def _reserve_seen(self, length: int) -> None:
-        """Make room for ``length`` seen ids per row (doubling, padded with first ids)."""
+    def _refresh(self) -> None:
+        self.settings, self.slot_index, self.positions, self.seen_count = self._describe(self.rows)
+
+    def refresh_slots(self) -> None:
+        """Rebuild the slot index after rows moved to other slots."""
+        self.slot_index = torch.tensor([r.slot for r in self.rows], device=self.engine.device)
+
+    def _with_seen_capacity(self, length: int) -> torch.Tensor:
+        """The seen ids with room for ``length`` per row (doubling, padded with first ids)."""
         capacity = doubled_capacity(length, self.seen_ids.shape[1])
         if capacity == self.seen_ids.shape[1]:
-            return
+            return self.seen_ids
         padding = self.seen_ids[:, :1].expand(-1, capacity - self.seen_ids.shape[1])
-        self.seen_ids = torch.cat([self.seen_ids, padding], dim=1)
+        return torch.cat([self.seen_ids, padding], dim=1)
 
     def add(self, row: _Row, logits: torch.Tensor) -> None:
-        """Join a prefilled row (first of all: if joining fails, the batch frees its slot)."""
-        self.rows.append(row)
-        self._reserve_seen(len(row.ids))
-        seen = self.seen_ids.new_full((1, self.seen_ids.shape[1]), row.ids[0])
+        """Join a prefilled row; if that fails, the batch is left as it was.
+
+        The seen ids get room for every token the row may ever see, so they do not
+        grow while it decodes.
+        """
+        seen_ids = self._with_seen_capacity(row.request.reserved + 1)
+        seen = seen_ids.new_full((1, seen_ids.shape[1]), row.ids[0])
         seen[0, : len(row.ids)] = torch.tensor(row.ids, device=self.engine.device)
-        self.logits = torch.cat([self.logits, logits])
-        self.seen_ids = torch.cat([self.seen_ids, seen])
-        self._refresh()
+        rows = [*self.rows, row]
+        joined = torch.cat([self.logits, logits]), torch.cat([seen_ids, seen])
+        described = self._describe(rows)
+        self.rows, (self.logits, self.seen_ids) = rows, joined
+        self.settings, self.slot_index, self.positions, self.seen_count = described
 
     def see(self, tokens: torch.Tensor) -> None:
         """Append each row's picked token to its seen ids."""
-        self._reserve_seen(max(len(r.ids) for r in self.rows) + 1)
+        self.seen_ids = self._with_seen_capacity(max(len(r.ids) for r in self.rows) + 1)
         self.seen_ids.scatter_(1, self.seen_count[:, None], tokens[:, None])
         self.seen_count += 1
 
@@ -239,6 +315,16 @@ class NativeEngine(Engine):
         loaded: The model, tokenizer and generation defaults to serve.
         compile: Compile the decode step with ``torch.compile``; None: only on a CUDA
             GPU (see ``set_compile``).
+        kv_cache_bytes: Memory the key/value buffers of running requests may take;
+            requests beyond it wait for a running one to end. None: 90% of the GPU
+            memory free after loading, less a prefill workspace (see
+            ``default_kv_cache_bytes``); a quarter of the RAM on a CPU.
+        max_rows: Most requests decoding at once.
+
+    Attributes:
+        context_length: Longest sequence (prompt and output) a request may reach:
+            ``model_max_length``, within ``max_position_embeddings`` where the config
+            has it. Longer prompts are refused; output stops there (``"length"``).
     """
 
     # How long the worker waits for the rest of an announced group (see ``gather``).
@@ -246,39 +332,105 @@ class NativeEngine(Engine):
     # How often a waiting caller checks that the worker is still alive.
     POLL_SECONDS = 1.0
 
-    def __init__(self, loaded: LoadedModel, compile: bool | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        compile: bool | None = None,
+        kv_cache_bytes: int | None = None,
+        max_rows: int = DEFAULT_MAX_ROWS,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config
-        self.context_length = self.model.config.model_max_length
+        self.context_length = context_length_of(self.model.config)
         self.device = next(self.model.parameters()).device
         self.eos_ids = eos_ids_of(loaded.generation_config)
         self.vocab_size = self.model.config.vocab_size
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._pending: deque[_Request] = deque()  # taken from the inbox, not yet admitted
         self._worker: threading.Thread | None = None
         self._lock = threading.Condition()
         self._gathers: list[_Gather] = []
         self._closed = False
         self.prefix_cache = PrefixCache()
         self._eos_index = torch.tensor(sorted(self.eos_ids), device=self.device)
-        self.slot_model = SlotModel(self.model)
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.slot_model = SlotModel(self.model, max_length=self.context_length, max_rows=max_rows)
+        cache = self.slot_model.cache
+        if kv_cache_bytes is None:
+            kv_cache_bytes = default_kv_cache_bytes(cache, self.model.config, self.context_length)
+        if kv_cache_bytes < cache.position_bytes:
+            msg = (
+                f"kv_cache_bytes={kv_cache_bytes} cannot hold one position of this model's "
+                f"keys and values ({cache.position_bytes} bytes)"
+            )
+            raise ValueError(msg)
+        cache.max_bytes = kv_cache_bytes
+        self.kv_cache_bytes = kv_cache_bytes
         # bitsandbytes layers run uncompiled (checked once: set_compile runs per call).
         self._quantized = any(
             type(module).__module__.startswith("bitsandbytes") for module in self.model.modules()
         )
+        self._warm_up_wanted = False
+        self._warmed = threading.Event()  # set once a warm-up ended (or was not needed)
         self.set_compile(compile)
 
     def set_compile(self, compile: bool | None) -> None:
         """Turn the compiled decode step on or off (None: on only for a CUDA GPU).
 
-        Compiling happens on the first step of each batch bucket and cache size, and only
-        for unquantized weights; if it fails, the engine warns and runs uncompiled from
-        then on.
+        Only unquantized weights compile; if compiling fails, the engine warns and runs
+        uncompiled from then on. On a GPU, turning it on starts a warm-up in the
+        background (see ``warm_up``); requests wait for it. Elsewhere each step
+        shape compiles on its first use, unless ``warm_up`` is called.
         """
         if compile is None:
             compile = self.device.type == "cuda"
         self.slot_model.compile = bool(compile) and not self._quantized
+        if self.slot_model.compile and self.device.type == "cuda":
+            self._request_warm_up()
+
+    def _request_warm_up(self) -> None:
+        """Have the worker warm up the compiled step once, as soon as it is idle."""
+        with self._lock:
+            if self._warm_up_wanted or self._warmed.is_set() or self._closed:
+                return
+            self._warm_up_wanted = True
+            if self._worker is None:
+                self._start_worker()
+        self._inbox.put(_WAKE)  # type: ignore[arg-type]
+
+    def warm_up(self, timeout: float | None = None) -> float:
+        """Compile the decode step for every batch shape before serving; wait for it.
+
+        The key/value buffers are sized once, at the most rows of the longest
+        sequence that ``kv_cache_bytes`` and ``max_rows`` allow, and never grow; then
+        the step is compiled (on a GPU, CUDA graphs recorded) for every row bucket and
+        key-length bucket, so no later call compiles. Runs on the worker when no
+        request is running. Without ``compile`` only the buffers are sized.
+
+        Returns:
+            The warm-up's seconds (``slot_model.warmup_seconds``).
+
+        Raises:
+            TimeoutError: It did not end within ``timeout`` seconds.
+        """
+        self._request_warm_up()
+        if not self._warmed.wait(timeout):
+            raise TimeoutError(f"The warm-up did not end within {timeout} s")
+        return self.slot_model.warmup_seconds or 0.0
+
+    def _warm_up_now(self) -> None:
+        """Run a requested warm-up (on the worker, no row running); never raises."""
+        self._warm_up_wanted = False
+        try:
+            with self.loaded.lock:
+                self.slot_model.warm_up()
+        except Exception:  # serving goes on uncompiled, on growable buffers
+            logger.exception("The Baichuan2 engine's warm-up failed")
+        finally:
+            self._warmed.set()
 
     # -- submitting -------------------------------------------------------------------
 
@@ -317,9 +469,8 @@ class NativeEngine(Engine):
         grammar: Any,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> _Request:
-        if not prompt_ids:
-            raise ValueError("The prompt is empty: there is nothing to generate from")
-        request = _Request(prompt_ids, params, grammar, loop)
+        reserved = self._reserved_length(prompt_ids, params)
+        request = _Request(prompt_ids, params, reserved, grammar, loop)
         with self._lock:
             if self._closed:
                 raise RuntimeError("The Baichuan2 engine was shut down")
@@ -331,6 +482,36 @@ class NativeEngine(Engine):
                 group.remaining -= 1
             self._lock.notify_all()
         return request
+
+    def _reserved_length(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+        """Positions a request's slot must hold: ``min(prompt + max_new_tokens, context)``.
+
+        Raises:
+            ValueError: The prompt is empty, longer than the context, or the request
+                cannot fit the memory budget even alone.
+        """
+        if not prompt_ids:
+            raise ValueError("The prompt is empty: there is nothing to generate from")
+        if len(prompt_ids) > self.context_length:
+            msg = (
+                f"The prompt (length {len(prompt_ids)}) is longer than the maximum model "
+                f"length of {self.context_length}. Shorten it (ChatBaichuan2 cuts prompts "
+                "to fit model_max_length - max_tokens; do not raise model_max_length past "
+                "the model's context)."
+            )
+            raise ValueError(msg)
+        reserved = min(len(prompt_ids) + params.max_new_tokens, self.context_length)
+        longest = self.slot_model.cache.longest
+        if longest is not None and reserved > longest:
+            cache = self.slot_model.cache
+            msg = (
+                f"This request needs {reserved} positions of key/value cache "
+                f"({reserved * cache.position_bytes / 2**20:.1f} MiB: prompt and max_tokens), "
+                f"more than kv_cache_bytes={self.kv_cache_bytes} holds for one request "
+                f"({longest} positions). Lower max_tokens or raise kv_cache_bytes."
+            )
+            raise ValueError(msg)
+        return reserved
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -438,45 +619,36 @@ class NativeEngine(Engine):
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        requests = [item for item in items if item is not _SHUTDOWN]
-        return requests, len(requests) < len(items)
+        requests = [item for item in items if isinstance(item, _Request)]
+        return requests, any(item is _SHUTDOWN for item in items)
 
     def _serve(self) -> None:
         """Continuous batching: new requests join the running batch between steps.
 
-        An error in one request's prefill reaches that caller; an error in a decode
-        step, or an unexpected one (say, out of memory while joining the batch), ends
-        the batch with that error for every caller in it. The worker goes on serving
-        until it takes the shutdown marker; whenever it stops, every request it holds
-        or that is still queued is answered.
+        Requests join in order, each once its slot fits (see ``_admit``). An error while
+        admitting one request (out of memory included) reaches that caller only; an
+        error in a decode step, or an unexpected one, ends the batch with that error for
+        every caller in it. The worker goes on serving until it takes the shutdown
+        marker; whenever it stops, every request it holds or that is still queued is
+        answered.
         """
         batch: _Batch | None = None
+        pending = self._pending
         try:
             while True:
-                requests, stopping = self._take_waiting(block=batch is None)
+                requests, stopping = self._take_waiting(block=batch is None and not pending)
+                pending.extend(requests)
                 if stopping:
-                    for request in requests:
-                        request.send(RuntimeError("The Baichuan2 engine was shut down"))
                     return
+                if batch is None and self._warm_up_wanted:
+                    self._warm_up_now()
                 try:
-                    for request in requests:
-                        if request.cancelled.is_set():
-                            continue
-                        try:
-                            row, logits = self._prefill(request)
-                        except Exception as e:  # this caller must see it; the others go on
-                            request.send(e)
-                            continue
-                        if batch is None:
-                            batch = _Batch(self)
-                        batch.add(row, logits)
+                    batch = self._admit(batch)
                     if batch is not None:
                         self._step(batch)
                 except BaseException as e:  # every caller in the batch must see it
                     for row in batch.rows if batch is not None else []:
                         row.request.send(e)
-                    for request in requests:
-                        request.send(e)
                     if batch is not None:
                         batch.release()
                     batch = None
@@ -493,7 +665,53 @@ class NativeEngine(Engine):
                 if not closed:  # an unexpected exit: a new worker serves what is queued
                     self._start_worker()
             if closed:
+                while pending:
+                    pending.popleft().send(stopped)
                 self._answer_queued(stopped)
+                self._warmed.set()
+
+    def _admit(self, batch: _Batch | None) -> _Batch | None:
+        """Prefill waiting requests into the batch, in order, while their slots fit.
+
+        A request whose slot does not fit waits (and those behind it) until running
+        rows end. One that fails to start gets its error; the others go on.
+        """
+        pending = self._pending
+        while pending:
+            request = pending[0]
+            if request.cancelled.is_set():
+                pending.popleft()
+                continue
+            running = batch is not None and bool(batch.rows)
+            if running and not self.slot_model.cache.fits(request.reserved):
+                return batch
+            pending.popleft()
+            row: _Row | None = None
+            try:
+                row, logits = self._prefill(request)
+                if batch is None:
+                    batch = _Batch(self)
+                batch.add(row, logits)
+            except Exception as e:  # this caller must see it; the others go on
+                if row is not None:
+                    self.slot_model.cache.release(row.slot)
+                request.send(self._admission_error(request, e))
+        return batch
+
+    def _admission_error(self, request: _Request, error: Exception) -> Exception:
+        """What a request that failed to start is told (out of memory: the numbers)."""
+        if not isinstance(error, torch.OutOfMemoryError):
+            return error
+        msg = (
+            f"Out of memory while starting this request (prompt of "
+            f"{len(request.prompt_ids)} tokens, {request.reserved} positions of key/value "
+            f"cache reserved); the running requests go on. Lower max_tokens, send fewer "
+            f"requests at once or give the engine a smaller kv_cache_bytes "
+            f"(now {self.kv_cache_bytes}). {error}"
+        )
+        out_of_memory = torch.OutOfMemoryError(msg)
+        out_of_memory.__cause__ = error
+        return out_of_memory
 
     def _start_worker(self) -> None:
         """Start the worker thread (the caller holds ``_lock``)."""
@@ -528,14 +746,17 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def _prefill(self, request: _Request) -> tuple[_Row, torch.Tensor]:
-        """Run one prompt into a free slot (reusing a cached prefix); return row, logits."""
+        """Run one prompt into a free slot (reusing a cached prefix); return row, logits.
+
+        The slot is sized for the request's whole life (``request.reserved``).
+        """
         row = _Row(request, self)
         prompt = request.prompt_ids
         reuse = request.params.reuse_prefix
         reused, prefix_kv = self.prefix_cache.lookup(prompt) if reuse else (0, None)
         slots = self.slot_model
         with self.loaded.lock:
-            row.slot = slots.acquire(len(prompt) + 1)
+            row.slot = slots.acquire(request.reserved)
             try:
                 start = time.perf_counter()
                 if prefix_kv is not None:
@@ -569,8 +790,13 @@ class NativeEngine(Engine):
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> None:
-        """Pick every row's next token, send the text, drop finished rows, advance."""
+        """Pick every row's next token, send the text, drop finished rows, advance.
+
+        A row ends at eos, a stop string, ``max_new_tokens`` or the context length
+        (``"length"``); a row whose logits hold NaN fails alone.
+        """
         rows = batch.rows
+        produced_nan = batch.logits.isnan().any(dim=-1)
         logits = apply_repetition_penalty(batch.logits, batch.seen_ids, batch.settings)
         failed: dict[int, Exception] = {}
         for i, row in enumerate(rows):
@@ -582,10 +808,22 @@ class NativeEngine(Engine):
                     logits[i] = 0.0  # a harmless row for the shared sampling below
         picked = self._pick(logits, rows, batch.settings)
         batch.see(picked[0])
-        tokens, excluded, overflowed = picked.tolist()  # the step's one wait for the device
+        # The step's one wait for the device.
+        tokens, excluded, overflowed, nan = torch.cat([picked, produced_nan[None]]).tolist()
         keep = []
+        cache = self.slot_model.cache
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row.request.cancelled.is_set():
+                continue
+            if nan[i]:
+                cache.clear(row.slot)  # masked NaN keys would still poison the slot's next user
+                row.request.send(
+                    FloatingPointError(
+                        "the model produced NaN logits for this request, so it was stopped "
+                        f"(dtype {self.slot_model.dtype}; fp16 can overflow: try bfloat16 "
+                        "or float32)"
+                    )
+                )
                 continue
             error = failed.get(i) or self._row_error(row, excluded[i], overflowed[i])
             if error is not None:
@@ -595,9 +833,12 @@ class NativeEngine(Engine):
                 row.request.send(RuntimeError(f"the grammar rejected token {token}"))
                 continue
             row.ids.append(token)
-            chunk = row.text.push(token)
-            if chunk is not None and (chunk.text or chunk.token_ids):
-                row.request.send(chunk)
+            chunks = [row.text.push(token)]
+            if row.text.finish_reason is None and len(row.ids) >= self.context_length:
+                chunks.append(row.text.finish("length"))
+            for chunk in chunks:
+                if chunk is not None and (chunk.text or chunk.token_ids):
+                    row.request.send(chunk)
             if row.text.finish_reason is None:
                 keep.append(i)
                 continue
@@ -607,11 +848,12 @@ class NativeEngine(Engine):
             row.request.send(row.summary())
         for i, row in enumerate(rows):
             if i not in keep:
-                self.slot_model.cache.release(row.slot)
+                cache.release(row.slot)
         next_tokens = picked[0]
         if len(keep) < len(rows):
             batch.keep(keep)
             next_tokens = next_tokens[keep]
+            self._compact(batch)
         if not batch.rows:
             return
         with self.loaded.lock:
@@ -625,6 +867,22 @@ class NativeEngine(Engine):
         for row in batch.rows:
             row.length += 1
         batch.positions += 1
+
+    def _compact(self, batch: _Batch) -> None:
+        """Move rows down into freed slots when that shrinks the step's row bucket.
+
+        A step covers slots up to the highest taken one (rounded up to a power of two):
+        after rows end, the rows above the bucket their count needs move down (one
+        copy of each moved row's keys/values, never on an ordinary step).
+        """
+        bucket = doubled_capacity(len(batch.rows))
+        movers = [row for row in batch.rows if row.slot >= bucket]
+        if not movers:
+            return
+        with self.loaded.lock:
+            for row in movers:
+                row.slot = self.slot_model.cache.move_down(row.slot, row.length)
+        batch.refresh_slots()
 
     def _pick(self, logits: torch.Tensor, rows: list[_Row], settings: RowSettings) -> torch.Tensor:
         """Each row's token and failure flags, ``[3, B]`` (see ``choose_tokens``)."""
@@ -648,6 +906,11 @@ class NativeEngine(Engine):
         return None
 
 
-def engine_for(loaded: LoadedModel, compile: bool | None = None) -> NativeEngine:
-    """Return the one engine serving ``loaded`` (created on first use)."""
-    return loaded.shared("engine", lambda: NativeEngine(loaded, compile))
+def engine_for(
+    loaded: LoadedModel,
+    compile: bool | None = None,
+    kv_cache_bytes: int | None = None,
+    max_rows: int = DEFAULT_MAX_ROWS,
+) -> NativeEngine:
+    """Return the one engine serving ``loaded`` (created on first use, with these settings)."""
+    return loaded.shared("engine", lambda: NativeEngine(loaded, compile, kv_cache_bytes, max_rows))

@@ -6,8 +6,11 @@ decode step feeds one token for every running sequence. Positions are tensors, s
 step needs nothing from the host: RoPE angles come from a precomputed table, the ALiBi
 bias is built from positions and the cached slopes, and every row sees only its own
 keys up to its position (``key index <= position``). The decode step can be compiled
-with ``torch.compile``: then it runs at fixed shapes (whole buffer rows and length,
-batch rounded up to a power of two) and, on a GPU, as CUDA graphs.
+with ``torch.compile``: then it runs at fixed shapes and, on a GPU, as CUDA graphs. Its
+shape is a bucket: rows ``[:R]`` with R the highest taken slot rounded up to a power of
+two, keys ``[:L]`` with L the longest row rounded up to 256 times a power of two, so
+a step costs what its rows need, not what the buffers hold. ``warm_up`` fixes the
+buffers and compiles every bucket before serving.
 """
 
 from __future__ import annotations
@@ -32,10 +35,22 @@ logger = logging.getLogger(__name__)
 # Keys are attended in blocks of this many positions (uncompiled decode), so the
 # attention reads what the longest row needs, not the whole buffer.
 KEY_BLOCK = 64
+# The compiled step's key lengths: this many positions times a power of two.
+SHORTEST_COMPILED_KEYS = 256
 
 
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
+
+
+def row_bucket(highest_slot: int, rows: int) -> int:
+    """Rows a compiled step covers: ``highest_slot + 1`` up to a power of two, within ``rows``."""
+    return min(doubled_capacity(highest_slot + 1), rows)
+
+
+def key_bucket(longest: int, length: int) -> int:
+    """Keys a compiled step attends: ``longest`` up to 256 x a power of two, within ``length``."""
+    return min(doubled_capacity(longest, SHORTEST_COMPILED_KEYS), length)
 
 
 def _layer_device(layer: nn.Module, default: torch.device) -> torch.device:
@@ -106,9 +121,20 @@ class SlotModel:
         model: The loaded Baichuan2 model.
         compile: Compile the decode step with ``torch.compile`` (falls back to the
             uncompiled step, with a warning, if compiling fails).
+        max_length: Most positions a sequence may hold (the model's context).
+        max_bytes: Most bytes the key/value buffers may take.
+        max_rows: Most sequences the buffers may hold at once.
     """
 
-    def __init__(self, model: BaichuanForCausalLM, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: BaichuanForCausalLM,
+        compile: bool = False,
+        *,
+        max_length: int | None = None,
+        max_bytes: int | None = None,
+        max_rows: int | None = None,
+    ) -> None:
         self.model = model
         config = model.config
         embed = model.model.embed_tokens.weight
@@ -117,7 +143,15 @@ class SlotModel:
         self.heads = config.num_attention_heads
         self.head_dim = config.head_dim
         devices = [_layer_device(layer, self.device) for layer in model.model.layers]
-        self.cache = SlotCache(devices, self.heads, self.head_dim, self.dtype)
+        self.cache = SlotCache(
+            devices,
+            self.heads,
+            self.head_dim,
+            self.dtype,
+            max_length=max_length,
+            max_bytes=max_bytes,
+            max_rows=max_rows,
+        )
         self.rotary = model.model.rotary_emb  # None for ALiBi
         self.slopes = alibi_slopes(self.heads).to(self.device)
         self.head = HeadProjection(model.lm_head)
@@ -126,9 +160,11 @@ class SlotModel:
         self.compile = compile
         self.compile_failed = False  # set once compiling failed: never tried again
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self._compiled_shapes: set[tuple[int, int]] = set()
-        self._views: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._compiled_shapes: set[tuple[int, int, int]] = set()
+        self._views: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.compile_seconds = 0.0  # spent compiling so far (first call of each shape)
+        self.warmup_seconds: float | None = None  # set by ``warm_up``
+        self._warming = False
 
     # -- position encodings ---------------------------------------------------------
 
@@ -239,8 +275,8 @@ class SlotModel:
         cos, sin = self._rope_tables()
         compiled = self.compile and not self.compile_failed  # read once: set elsewhere
         if compiled:
-            low, high = 0, min(doubled_capacity(max(slots) + 1), self.cache.rows)
-            keys, values = self._static_views(high)
+            low, high = 0, row_bucket(max(slots), self.cache.rows)
+            keys, values = self._static_views(high, key_bucket(longest, self.cache.length))
         else:
             low, high = min(slots), max(slots) + 1
             length = min(_round_up(longest, KEY_BLOCK), self.cache.length)
@@ -268,17 +304,20 @@ class SlotModel:
         """Hidden states ``[width, H]`` of a one-token step (the part that is compiled)."""
         return self._hidden(ids, positions, keys, values, cos, sin)[:, 0]
 
-    def _static_views(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The first ``rows`` rows of every buffer, the same tensor objects on every step.
+    def _static_views(
+        self, rows: int, length: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``[:rows, :, :length]`` of every buffer, the same tensor objects on every step.
 
         Compiled graphs (CUDA graphs in particular) need their inputs at fixed addresses:
-        the views are marked static and kept until the buffers are reallocated.
+        the views (which all start where their buffer starts) are marked static and kept
+        until the buffers are reallocated.
         """
-        key = (rows, self.cache.generation)
+        key = (rows, length, self.cache.generation)
         if key not in self._views:
             views = (
-                [k[:rows] for k in self.cache.keys],
-                [v[:rows] for v in self.cache.values],
+                [k[:rows, :, :length] for k in self.cache.keys],
+                [v[:rows, :, :length] for v in self.cache.values],
             )
             for view in (*views[0], *views[1], *self._rope_tables()):
                 torch._dynamo.mark_static_address(view)
@@ -305,17 +344,12 @@ class SlotModel:
 
     def _run_compiled(self, *arguments: Any) -> torch.Tensor:
         if self._compiled is None:
-            config = torch._dynamo.config
-            # One graph per batch bucket and buffer size: allow a few dozen.
-            if hasattr(config, "recompile_limit"):
-                config.recompile_limit = max(config.recompile_limit, 64)
-            else:
-                config.cache_size_limit = max(config.cache_size_limit, 64)
+            _allow_graphs(64)  # one per row bucket, key bucket and buffer size
             cuda = self.device.type == "cuda"
             self._compiled = torch.compile(
                 self._last_hidden, dynamic=False, mode="reduce-overhead" if cuda else None
             )
-        shape = (arguments[0].shape[0], self.cache.length)
+        shape = (arguments[0].shape[0], arguments[2][0].shape[2], self.cache.length)
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
@@ -324,6 +358,52 @@ class SlotModel:
             self._compiled_shapes.add(shape)
             self._log_compile(started, shape)
         return hidden
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Fix the buffers at their largest shape, then compile every step bucket.
+
+        Afterwards serving compiles nothing (and, on a GPU, records no CUDA graph) for
+        any batch the buffers hold, and the buffers never grow. Takes ``max_length``
+        and ``max_rows`` or ``max_bytes``; no slot may be taken. Without ``compile``
+        only the buffers are fixed. The time is kept in ``warmup_seconds``.
+        """
+        started = time.perf_counter()
+        self.cache.fix()
+        self._forget_stale_views()
+        rows, length = self.cache.rows, self.cache.length
+        shapes = [
+            (r, k)
+            for r in sorted({row_bucket(slot, rows) for slot in range(rows)})
+            for k in sorted({key_bucket(n, length) for n in range(1, length + 1)})
+        ]
+        cos, sin = self._rope_tables()
+        self._warming = True
+        try:
+            _allow_graphs(len(shapes) + 8)
+            for r, k in shapes:
+                if not self.compile or self.compile_failed:
+                    break
+                # Token 0 at position 0 of free slots; two tensors, as a real step has.
+                ids, positions = (
+                    torch.zeros(r, 1, dtype=torch.long, device=self.device) for _ in range(2)
+                )
+                # CUDA graph trees record a shape on its second or third call.
+                for _ in range(3 if self.device.type == "cuda" else 1):
+                    self._compiled_step(ids, positions, *self._static_views(r, k), cos, sin)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            self._warming = False
+        self.warmup_seconds = time.perf_counter() - started
+        logger.info(
+            "Warmed up the Baichuan2 decode step: buffers of %d rows x %d positions, "
+            "%d shapes compiled in %.1f s",
+            rows,
+            length,
+            len(self._compiled_shapes),
+            self.warmup_seconds,
+        )
 
     def acquire(self, length: int) -> int:
         """Take a free slot that holds ``length`` positions (growing the buffers)."""
@@ -337,7 +417,7 @@ class SlotModel:
 
     def _forget_stale_views(self) -> None:
         """Drop views of buffers the cache has replaced, so their memory is freed."""
-        if any(generation != self.cache.generation for _, generation in self._views):
+        if any(key[-1] != self.cache.generation for key in self._views):
             self._views = {}
 
     def write(self, slot: int, kv: LayerKV) -> None:
@@ -352,4 +432,16 @@ class SlotModel:
     def _log_compile(self, started: float, what: Any) -> None:
         seconds = time.perf_counter() - started
         self.compile_seconds += seconds
-        logger.info("Compiled the Baichuan2 decode step for %s in %.1f s", what, seconds)
+        logger.log(
+            logging.DEBUG if self._warming else logging.INFO,
+            "Compiled the Baichuan2 decode step for %s (rows, keys, buffer length) in %.1f s",
+            what,
+            seconds,
+        )
+
+
+def _allow_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` graphs of one function (one per fixed shape)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), count))

@@ -5,8 +5,9 @@ shape ``[rows, heads, length, head_dim]``; its token at position ``p`` keeps its
 ``keys[layer][slot, :, p]``. Sequences start at position 0 of their slot, so there is no
 padding and a token's position is its index. Joining or leaving the batch copies no
 keys or values: a new sequence takes the lowest free slot, an ended one frees it. The
-buffers grow (rows and length doubling) only when a sequence needs more than they
-hold; that copies once.
+buffers grow (rows and length doubling, within the cache's limits) only when a
+sequence is given a slot that needs more than they hold; that copies once. Buffers
+made ``fixed`` never change shape (compiled graphs keep their addresses).
 """
 
 from __future__ import annotations
@@ -32,21 +33,38 @@ class SlotCache:
         heads: Attention heads per layer.
         head_dim: Size of one head.
         dtype: Dtype of keys and values (the model's compute dtype).
+        max_length: Most positions a row may hold (the model's context); None: no limit.
+        max_bytes: Most bytes all buffers together may take; None: no limit.
+        max_rows: Most rows the buffers may have; None: no limit.
     """
 
     SMALLEST_LENGTH = 256
     SMALLEST_ROWS = 1
 
     def __init__(
-        self, devices: list[torch.device], heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        devices: list[torch.device],
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        *,
+        max_length: int | None = None,
+        max_bytes: int | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.shape = (heads, head_dim)
         self.dtype = dtype
         self.devices = devices
+        # Bytes one position of one row takes over all layers (keys and values).
+        self.position_bytes = 2 * len(devices) * heads * head_dim * dtype.itemsize
+        self.max_length = max_length
+        self.max_bytes = max_bytes
+        self.max_rows = max_rows
         self.keys: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
         self.values: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
         self._used: list[bool] = []
         self.length = 0  # positions each row holds
+        self.fixed = False  # set by ``fix``: the shape never changes again
         # Bumped whenever the buffers are reallocated (compiled steps key on it).
         self.generation = 0
 
@@ -55,13 +73,68 @@ class SlotCache:
         """Rows the buffers hold."""
         return len(self._used)
 
+    @property
+    def used(self) -> int:
+        """Slots taken by sequences."""
+        return sum(self._used)
+
+    @property
+    def longest(self) -> int | None:
+        """Most positions one sequence can ever hold here (None: no limit)."""
+        limits = [self.max_length]
+        if self.max_bytes is not None:
+            limits.append(self.max_bytes // self.position_bytes)
+        if self.fixed:
+            limits.append(self.length)
+        return min((n for n in limits if n is not None), default=None)
+
     def _empty(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
         heads, head_dim = self.shape
         return torch.zeros(rows, heads, length, head_dim, dtype=self.dtype, device=device)
 
+    def _free_slot(self) -> int:
+        return next((i for i, used in enumerate(self._used) if not used), self.rows)
+
+    def _shape_for(self, rows: int, length: int) -> tuple[int, int] | None:
+        """The buffers' shape once they hold ``rows`` x ``length``; None if they cannot.
+
+        Length doubles up to ``max_length``; rows double up to what ``max_rows`` and
+        ``max_bytes`` allow at that length (fewer rows than now when the length grows,
+        as long as every taken slot stays).
+        """
+        if rows <= self.rows and length <= self.length:
+            return self.rows, self.length
+        longest = self.longest
+        if self.fixed or (longest is not None and length > longest):
+            return None
+        new_length = self.length
+        if length > self.length:
+            new_length = doubled_capacity(length, max(self.length, self.SMALLEST_LENGTH))
+            new_length = max(length, min(new_length, longest or new_length))
+        new_rows = self.rows
+        if rows > self.rows:
+            new_rows = doubled_capacity(rows, max(self.rows, self.SMALLEST_ROWS))
+        limits = [self.max_rows]
+        if self.max_bytes is not None:
+            limits.append(self.max_bytes // (new_length * self.position_bytes))
+        limit = min((n for n in limits if n is not None), default=new_rows)
+        taken = max((i + 1 for i, used in enumerate(self._used) if used), default=0)
+        new_rows = min(new_rows, limit)
+        if new_rows < max(rows, taken):
+            return None
+        return new_rows, new_length
+
+    def fits(self, length: int) -> bool:
+        """Whether a new sequence of ``length`` positions can be given a slot now."""
+        return self._shape_for(self._free_slot() + 1, length) is not None
+
     def acquire(self, length: int) -> int:
-        """Take the lowest free slot, growing the buffers so it holds ``length`` positions."""
-        slot = next((i for i, used in enumerate(self._used) if not used), self.rows)
+        """Take the lowest free slot, growing the buffers so it holds ``length`` positions.
+
+        Raises:
+            RuntimeError: The limits leave no room for it (see ``fits``).
+        """
+        slot = self._free_slot()
         self.reserve(slot + 1, length)
         self._used[slot] = True
         return slot
@@ -75,22 +148,77 @@ class SlotCache:
 
         Every new buffer is allocated before any replaces an old one, so running out of
         memory here leaves the cache as it was.
+
+        Raises:
+            RuntimeError: The limits (or fixed buffers) leave no room for it.
         """
-        new_rows = doubled_capacity(rows, max(self.rows, self.SMALLEST_ROWS))
-        new_length = doubled_capacity(length, max(self.length, self.SMALLEST_LENGTH))
-        if (new_rows, new_length) == (self.rows, self.length):
+        shape = self._shape_for(rows, length)
+        if shape is None:
+            msg = (
+                f"The slot cache cannot hold {rows} rows of {length} positions "
+                f"(it holds {self.rows} x {self.length}, "
+                f"{'fixed' if self.fixed else f'at most {self.longest} positions a row'})"
+            )
+            raise RuntimeError(msg)
+        self.resize(*shape)
+
+    def resize(self, rows: int, length: int) -> None:
+        """Reallocate the buffers as ``rows`` x ``length``, keeping what the slots hold.
+
+        Taken slots must lie below ``rows``; positions past ``length`` are dropped.
+        """
+        if (rows, length) == (self.rows, self.length):
             return
         grown = [
-            [self._empty(new_rows, new_length, old.device) for old in buffers]
+            [self._empty(rows, length, old.device) for old in buffers]
             for buffers in (self.keys, self.values)
         ]
+        kept_rows, kept_length = min(rows, self.rows), min(length, self.length)
         for old_buffers, new_buffers in zip((self.keys, self.values), grown, strict=True):
             for old, new in zip(old_buffers, new_buffers, strict=True):
-                new[: self.rows, :, : self.length] = old
+                new[:kept_rows, :, :kept_length] = old[:kept_rows, :, :kept_length]
         self.keys, self.values = grown
-        self._used += [False] * (new_rows - self.rows)
-        self.length = new_length
+        self._used = self._used[:rows] + [False] * (rows - self.rows)
+        self.length = length
         self.generation += 1
+
+    def fix(self) -> None:
+        """Size the buffers once at the largest shape the limits allow; never change it again.
+
+        Rows hold the longest sequence allowed; there are as many as ``max_rows`` and
+        ``max_bytes`` allow (at least one). No slot may be taken.
+        """
+        longest = self.longest
+        if longest is None or (self.max_rows is None and self.max_bytes is None):
+            raise ValueError("Fixed slot buffers need a length limit and a row or byte limit")
+        limits = [self.max_rows]
+        if self.max_bytes is not None:
+            limits.append(self.max_bytes // (longest * self.position_bytes))
+        rows = max(1, min(n for n in limits if n is not None))
+        if self.used:
+            raise RuntimeError("The slot buffers can only be fixed while no slot is taken")
+        self.resize(rows, longest)
+        self.fixed = True
+
+    def move_down(self, source: int, length: int) -> int:
+        """Move a sequence to the lowest free slot if that lies below ``source``.
+
+        Copies the first ``length`` positions; returns the sequence's slot.
+        """
+        target = self._free_slot()
+        if target > source:
+            return source
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :length] = buffer[source, :, :length]
+        self._used[target], self._used[source] = True, False
+        return target
+
+    def clear(self, slot: int) -> None:
+        """Zero a slot: stale NaN would reach later sequences through masked positions."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[slot].zero_()
 
     def write(self, slot: int, kv: LayerKV) -> None:
         """Copy stored keys/values (``[1, H, n, D]`` per layer) into positions ``0..n-1``."""
