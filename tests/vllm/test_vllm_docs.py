@@ -8,7 +8,7 @@ from pydantic import model_validator
 
 import langchain_baichuan2
 from langchain_baichuan2 import ChatBaichuan2
-from tests.integration_tests.test_docs import README, VLLM_BLOCK, python_blocks
+from tests.integration_tests.test_docs import vllm_engine_blocks
 from tests.vllm.conftest import VLLM_KWARGS
 
 
@@ -25,22 +25,13 @@ class _SmallVllmChat(ChatBaichuan2):
         return values
 
 
-def engine_blocks():
-    """The README blocks that start a vLLM engine in this process."""
-    return [
-        (line, code)
-        for line, code in python_blocks(README.read_text(encoding="utf-8"))
-        if VLLM_BLOCK.search(code) and "ChatOpenAI(" not in code
-    ]
-
-
 def test_the_readme_has_vllm_blocks():
-    assert len(engine_blocks()) >= 2
+    assert len(vllm_engine_blocks()) >= 2
 
 
-@pytest.mark.parametrize("line", [line for line, _ in engine_blocks()])
+@pytest.mark.parametrize("line", [line for line, _ in vllm_engine_blocks()])
 def test_readme_vllm_block_runs(line, vllm_folders, monkeypatch, cpu_threads_for_two_ranks):
-    code = dict(engine_blocks())[line]
+    code = dict(vllm_engine_blocks())[line]
     # 13B stands in with 6 heads, so tensor_parallel_size=2 divides them.
     folders = {"7B": vllm_folders["7b"], "13B": vllm_folders["13b-tp"]}
     code = re.sub(
@@ -49,4 +40,7 @@ def test_readme_vllm_block_runs(line, vllm_folders, monkeypatch, cpu_threads_for
         code,
     )
     monkeypatch.setattr(langchain_baichuan2, "ChatBaichuan2", _SmallVllmChat)
-    exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), {"__name__": "__readme__"})
+    # Run as a script would be, so the code under `if __name__ == "__main__":` runs too.
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), namespace)
+    assert isinstance(namespace.get("llm"), _SmallVllmChat), "the block's main code did not run"
