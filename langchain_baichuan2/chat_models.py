@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from langchain_core.runnables import (
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from transformers import BitsAndBytesConfig
 
 from langchain_baichuan2.arguments import reject_unknown_arguments
@@ -52,14 +53,19 @@ from langchain_baichuan2.engines import vllm as vllm_engines
 from langchain_baichuan2.engines.base import (
     Constraint,
     Engine,
+    EngineStoppedError,
     GenerationChunk,
     SamplingParams,
+    check_extra_values,
     check_sampling_values,
+    check_stops,
 )
 from langchain_baichuan2.grammar import bound_lengths
 from langchain_baichuan2.loading import (
     LoadedModel,
+    ModelUnloadedError,
     load_settings,
+    load_tokenizer,
     registry,
 )
 from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt, literal_text_encoder
@@ -437,6 +443,16 @@ class ChatBaichuan2(BaseChatModel):
     """Seconds a call may take in all (waiting, prompt and answer); past it the call is
     stopped, its batch row freed, and ``TimeoutError`` raised. Default None: no limit."""
 
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """Accepted so that settings shared with hosted chat models work unchanged; a model
+    running in this process needs no key, so it is never used or sent anywhere."""
+
+    max_retries: int = Field(default=2, ge=0)
+    """How many times a call is started again when its engine stopped before the
+    answer's first token: the model was unloaded meanwhile, or the vLLM engine died
+    (the retry starts a new one). Errors of the request itself are never retried.
+    Default 2."""
+
     @model_validator(mode="before")
     @classmethod
     def _check_argument_names(cls, values: Any) -> Any:
@@ -453,6 +469,8 @@ class ChatBaichuan2(BaseChatModel):
             seed=self.seed,
             timeout=self.timeout,
         )
+        check_stops(self.stop or [])
+        check_extra_values(tuple(self.model_kwargs.items()), self.max_tokens)
         backend = self._resolved_backend()
         wrong = self._vllm_settings() if backend == "native" else self._native_settings()
         if wrong:
@@ -587,7 +605,12 @@ class ChatBaichuan2(BaseChatModel):
             except vllm_engines.NativeOnlyCheckpoint:
                 if self.backend != "auto" or self._vllm_settings():
                     raise
-        engine = native.engine_for(self.loaded_model(model), self.compile)
+        while True:
+            try:
+                engine = native.engine_for(self.loaded_model(model), self.compile)
+                break
+            except ModelUnloadedError:
+                continue  # unloaded between the lookup and the start: load it again
         if self.compile is not None:
             engine.set_compile(self.compile)
         return engine
@@ -597,8 +620,47 @@ class ChatBaichuan2(BaseChatModel):
         if isinstance(stop, str):
             msg = f"stop must be a list of strings, got the string {stop!r}; use [{stop!r}]"
             raise TypeError(msg)
+        check_stops(stop or [])
         stops = [*(self.stop or []), *(stop or [])]
         return tuple(dict.fromkeys(stops))
+
+    # -- counting tokens ------------------------------------------------------------
+
+    def _tokenizer(self) -> Any:
+        """The checkpoint's tokenizer: the loaded model's, else read alone from its folder."""
+        loaded = registry.peek(self.model, **load_settings(self))
+        if loaded is not None:
+            return loaded.tokenizer
+        return load_tokenizer(self.model, revision=self.revision, source=self.source)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Return the Baichuan2 token ids of ``text`` as message text is encoded."""
+        tokenizer = self._tokenizer()
+        encoder = tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer)
+        return list(encoder.encode(text, add_special_tokens=False))
+
+    def get_num_tokens_from_messages(
+        self,
+        messages: list[BaseMessage],
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None,
+    ) -> int:
+        """Return the length of the Baichuan2 prompt these messages make, untruncated.
+
+        Counted exactly as a call builds the prompt (system text, role tokens, the
+        tool protocol's system text when ``tools`` are given, the final assistant
+        token), with the checkpoint's tokenizer; only the tokenizer is read when the
+        model is not loaded yet.
+        """
+        tokenizer = self._tokenizer()
+        extra = {"tools": format_tools(tools)} if tools else {}
+        messages, _, _ = self._constrain(messages, extra)
+        prompt = build_chat_prompt(
+            messages,
+            tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer),
+            model_max_length=sys.maxsize,
+            max_new_tokens=1,
+        )
+        return len(prompt.input_ids)
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -612,6 +674,10 @@ class ChatBaichuan2(BaseChatModel):
             )
             raise ValueError(msg)
         # Values that need no checkpoint are checked before anything is loaded.
+        check_extra_values(
+            tuple({**self.model_kwargs, **kwargs.get("model_kwargs", {})}.items()),
+            kwargs.get("max_tokens") or self.max_tokens,
+        )
         check_sampling_values(
             **{
                 name: kwargs[key]
@@ -721,12 +787,21 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # LangChain's stream() reports each chunk to on_llm_new_token itself.
-        call = self._prepare(messages, stop, kwargs)
-        converter = _ChunkConverter(call)
-        for piece in call.engine.stream(call.prompt.input_ids, call.params):
-            chunk = converter.convert(piece)
-            if chunk is not None:
-                yield chunk
+        for attempt in range(self.max_retries + 1):
+            call = self._prepare(messages, stop, kwargs)
+            converter = _ChunkConverter(call)
+            answered = False
+            try:
+                for piece in call.engine.stream(call.prompt.input_ids, call.params):
+                    answered = True
+                    chunk = converter.convert(piece)
+                    if chunk is not None:
+                        yield chunk
+                return
+            except EngineStoppedError as e:
+                if answered or attempt == self.max_retries:
+                    raise
+                logger.warning("%s; starting the call again (retry %d)", e, attempt + 1)
 
     async def _astream(
         self,
@@ -736,12 +811,21 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Loading the model and tokenizing are blocking; keep them off the event loop.
-        call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-        converter = _ChunkConverter(call)
-        async for piece in call.engine.astream(call.prompt.input_ids, call.params):
-            chunk = converter.convert(piece)
-            if chunk is not None:
-                yield chunk
+        for attempt in range(self.max_retries + 1):
+            call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
+            converter = _ChunkConverter(call)
+            answered = False
+            try:
+                async for piece in call.engine.astream(call.prompt.input_ids, call.params):
+                    answered = True
+                    chunk = converter.convert(piece)
+                    if chunk is not None:
+                        yield chunk
+                return
+            except EngineStoppedError as e:
+                if answered or attempt == self.max_retries:
+                    raise
+                logger.warning("%s; starting the call again (retry %d)", e, attempt + 1)
 
     @staticmethod
     def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:

@@ -52,6 +52,10 @@ class DownloadError(RuntimeError):
     """A model id could not be fetched from any source."""
 
 
+class ModelUnloadedError(RuntimeError):
+    """The loaded model was unloaded; ask the registry for it again."""
+
+
 @dataclass
 class LoadedModel:
     """A loaded model with its tokenizer, generation defaults and where it came from."""
@@ -64,20 +68,32 @@ class LoadedModel:
     """Held around every forward pass; nothing else waits on it."""
     _shared: dict[str, Any] = field(default_factory=dict, repr=False)
     _shared_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _closed: bool = field(default=False, repr=False)
 
     def shared(self, name: str, build: Callable[[], T]) -> T:
         """The one ``name`` object serving this model (engine, grammar compiler), built once.
 
         Building never waits for a forward pass (its lock is not the model's).
+
+        Raises:
+            ModelUnloadedError: The model was closed: nothing new may start on it.
         """
         with self._shared_lock:
+            if self._closed:
+                msg = f"The model from {self.path} was unloaded; load it again"
+                raise ModelUnloadedError(msg)
             if name not in self._shared:
                 self._shared[name] = build()
             return self._shared[name]
 
     def close(self) -> None:
-        """Shut down what serves this model (its engine's worker thread)."""
+        """Shut down what serves this model (its engine's worker thread), for good.
+
+        Creating and closing are one atomic lifecycle: nothing built after ``close``
+        can be left running, because ``shared`` refuses from then on.
+        """
         with self._shared_lock:
+            self._closed = True
             services, self._shared = list(self._shared.values()), {}
         for service in services:
             if hasattr(service, "shutdown"):
@@ -311,14 +327,22 @@ def _check_float(path: Path, key: str, dtype: str) -> None:
         raise CheckpointError(msg)
 
 
-def _check_tokenizer_size(folder: Path, config: BaichuanConfig) -> None:
+def _tokenizer_file(folder: Path) -> Path:
+    """The checkpoint's ``tokenizer.model``; raises ``CheckpointError`` when it is missing."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        msg = f"{path} is missing: the tokenizer cannot be loaded"
+        raise CheckpointError(msg)
+    return path
+
+
+def _check_tokenizer_size(path: Path, config: BaichuanConfig) -> None:
     """Raise when ``tokenizer.model`` and config.json disagree on the vocabulary size.
 
     Ids past the embedding table would crash the engine at the first request.
     """
     import sentencepiece
 
-    path = folder / "tokenizer.model"
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(str(path))
@@ -359,10 +383,7 @@ def read_config(folder: Path) -> BaichuanConfig:
 def check_checkpoint(folder: Path) -> BaichuanConfig:
     """Check that ``folder`` holds a complete Baichuan2 checkpoint; return its config."""
     config = read_config(folder)
-    if not (folder / "tokenizer.model").is_file():
-        msg = f"{folder / 'tokenizer.model'} is missing: the tokenizer cannot be loaded"
-        raise CheckpointError(msg)
-    _check_tokenizer_size(folder, config)
+    _check_tokenizer_size(_tokenizer_file(folder), config)
     quantized = getattr(config, "quantization_config", None) is not None
     for path in _weight_files(folder):
         _check_weight_file(path, None if quantized else config)
@@ -399,6 +420,22 @@ def load_model_and_tokenizer(
     """
     with progress_bars(progress_enabled(show_progress)):
         return _load(name, revision, source, dtype, device_map, quantization)
+
+
+_tokenizers: dict[Path, BaichuanTokenizer] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def load_tokenizer(
+    name: str | Path, *, revision: str | None = None, source: Source = "auto"
+) -> BaichuanTokenizer:
+    """Return the tokenizer of a checkpoint without loading its weights (read once)."""
+    folder = resolve_model_path(name, revision=revision, source=source).resolve()
+    with _tokenizers_lock:
+        if folder not in _tokenizers:
+            _tokenizer_file(folder)
+            _tokenizers[folder] = BaichuanTokenizer.from_pretrained(folder)
+        return _tokenizers[folder]
 
 
 def progress_enabled(show_progress: bool | None) -> bool:

@@ -26,6 +26,14 @@ from langchain_baichuan2.modeling import BaichuanTokenizer
 from langchain_baichuan2.tools import ToolChoice
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine stopped (unloaded, shut down or crashed) before the request ended.
+
+    The next call starts a new engine; ``ChatBaichuan2`` retries such a call
+    (``max_retries``) when no token had been produced yet.
+    """
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What the output must follow, independent of any backend's grammar engine.
@@ -73,10 +81,15 @@ class SamplingParams:
             seed=self.seed,
             timeout=self.timeout,
         )
+        check_stops(self.stop)
+        check_extra_values(self.extra, self.max_new_tokens)
 
 
 # Seeds must fit a signed 64-bit integer (torch and vLLM both take them as int64).
 SEED_LIMIT = 2**63
+# The smallest sampling temperature: below it vLLM clamps silently and the native
+# engine's logits overflow, so both backends refuse it (0 is greedy).
+MIN_TEMPERATURE = 0.01
 
 
 def check_sampling_values(
@@ -110,8 +123,13 @@ def check_sampling_values(
         msg = f"seed must be an integer in [0, 2**63), got {seed!r}"
         raise ValueError(msg)
 
-    if temperature is not None and number("temperature", temperature) < 0:
-        msg = f"temperature must be >= 0 (0 means greedy), got {temperature}"
+    if temperature is not None and (
+        number("temperature", temperature) < 0 or 0 < temperature < MIN_TEMPERATURE
+    ):
+        msg = (
+            f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature}; "
+            "use 0 for greedy decoding"
+        )
         raise ValueError(msg)
     if top_p is not None and not 0 < number("top_p", top_p) <= 1:
         msg = f"top_p must be in (0, 1], got {top_p}"
@@ -127,6 +145,62 @@ def check_sampling_values(
     ):
         msg = f"max_tokens must be an integer >= 1, got {max_new_tokens}"
         raise ValueError(msg)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id_list(value: object) -> bool:
+    return isinstance(value, list | tuple) and all(_is_int(i) and i >= 0 for i in value)
+
+
+def check_stops(stop: Sequence[object]) -> None:
+    """Raise unless every stop sequence is a non-empty string.
+
+    Raises:
+        TypeError: An item is not a string.
+        ValueError: An item is the empty string (it would end every answer at once).
+    """
+    for index, item in enumerate(stop):
+        if not isinstance(item, str) or not item:
+            msg = (
+                f"stop must be a list of non-empty strings; item {index} is "
+                f"{type(item).__name__} {item!r}"
+            )
+            raise TypeError(msg) if not isinstance(item, str) else ValueError(msg)
+
+
+def check_extra_values(
+    extra: Sequence[tuple[str, Any]], max_new_tokens: int | None = None
+) -> None:
+    """Raise ``ValueError`` naming the first badly typed or out-of-range extra argument.
+
+    Which backend supports which argument is each backend's own check.
+    """
+    for name, value in extra:
+        if name == "min_new_tokens" and not (_is_int(value) and value >= 0):
+            msg = f"min_new_tokens must be an integer >= 0, got {value!r}"
+            raise ValueError(msg)
+        if name == "min_new_tokens" and max_new_tokens is not None and value > max_new_tokens:
+            msg = f"min_new_tokens ({value}) must not exceed max_tokens ({max_new_tokens})"
+            raise ValueError(msg)
+        if name == "no_repeat_ngram_size" and not (_is_int(value) and value >= 1):
+            msg = f"no_repeat_ngram_size must be an integer >= 1, got {value!r}"
+            raise ValueError(msg)
+        if name == "suppress_tokens" and not _is_id_list(value):
+            msg = f"suppress_tokens must be a list of token ids (integers >= 0), got {value!r}"
+            raise ValueError(msg)
+        if name == "bad_words_ids" and not (
+            isinstance(value, list | tuple)
+            and value
+            and all(_is_id_list(word) and word for word in value)
+        ):
+            msg = (
+                "bad_words_ids must be a list of token-id lists, one per banned sequence "
+                f"(e.g. [[5], [7, 8]]), got {value!r}"
+            )
+            raise ValueError(msg)
 
 
 @dataclass

@@ -85,6 +85,15 @@ class BaichuanTokenizer(SentencePieceBackend):
         state["_token_bytes"] = {}
         return state
 
+    def _eventual_warn_about_too_long_sequence(
+        self, ids: list[int], max_length: int | None, verbose: bool
+    ) -> None:
+        """Never warns that a text is longer than ``model_max_length``.
+
+        The prompt builder cuts prompts to fit by the official history rule, and the
+        engines refuse a prompt longer than the context, with the numbers.
+        """
+
     def get_vocab(self) -> dict[str, int]:
         """Returns the mapping from piece (or added token) to id."""
         vocab = {self.sp_model.id_to_piece(i): i for i in range(self.sp_model.get_piece_size())}

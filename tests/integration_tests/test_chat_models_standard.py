@@ -17,14 +17,6 @@ class TestChatBaichuan2Integration(ChatModelIntegrationTests):
         return ChatBaichuan2
 
     @property
-    def standard_chat_model_params(self) -> dict:
-        # max_retries means nothing for a model in this process: ChatBaichuan2 has no
-        # such field and rejects unknown arguments. timeout is a real deadline here.
-        params = dict(super().standard_chat_model_params)
-        params.pop("max_retries", None)
-        return params
-
-    @property
     def chat_model_params(self) -> dict:
         # Random weights: min_new_tokens keeps a first-step eos from giving empty text,
         # and the string bound keeps grammar-constrained JSON finite.

@@ -28,3 +28,76 @@ def test_a_bad_call_argument_is_rejected_before_anything_loads():
         llm.invoke("hi", temprature=0.5)
     with pytest.raises(ValueError, match="top_p must be in"):
         llm.invoke("hi", top_p=2)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"temperature": 1e-45}, "temperature must be 0 \\(greedy\\) or >= 0.01, got 1e-45"),
+        ({"temperature": 0.009}, "temperature must be 0 \\(greedy\\) or >= 0.01, got 0.009"),
+        ({"model_kwargs": {"min_new_tokens": -5}}, "min_new_tokens must be an integer >= 0"),
+        ({"model_kwargs": {"min_new_tokens": "a"}}, "min_new_tokens must be an integer >= 0"),
+        ({"model_kwargs": {"min_new_tokens": 1.5}}, "min_new_tokens must be an integer >= 0"),
+        (
+            {"max_tokens": 10, "model_kwargs": {"min_new_tokens": 11}},
+            "min_new_tokens \\(11\\) must not exceed max_tokens \\(10\\)",
+        ),
+        ({"model_kwargs": {"bad_words_ids": [5]}}, "bad_words_ids must be a list of token-id"),
+        ({"model_kwargs": {"bad_words_ids": [[]]}}, "bad_words_ids must be a list of token-id"),
+        ({"model_kwargs": {"suppress_tokens": ["x"]}}, "suppress_tokens must be a list of token"),
+        ({"model_kwargs": {"no_repeat_ngram_size": 0}}, "no_repeat_ngram_size must be an integer"),
+    ],
+)
+def test_bad_generation_values_are_named_at_construction_and_per_call(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        ChatBaichuan2(model="/nonexistent/folder", **arguments)
+    llm = ChatBaichuan2(model="/nonexistent/folder")  # loading it would fail differently
+    with pytest.raises(ValueError, match=message):
+        llm.invoke("hi", **arguments)
+
+
+def test_the_smallest_temperature_and_greedy_are_accepted():
+    assert ChatBaichuan2(model="folder", temperature=0.01).temperature == 0.01
+    assert ChatBaichuan2(model="folder", temperature=0).temperature == 0
+
+
+@pytest.mark.parametrize(
+    ("stop", "error"), [([1], TypeError), (["ok", None], TypeError), ([""], ValueError)]
+)
+def test_a_stop_that_is_not_a_non_empty_string_is_named(stop, error):
+    with pytest.raises(ValueError, match="stop"):  # pydantic names the field and item
+        ChatBaichuan2(model="/nonexistent/folder", stop=stop)
+    llm = ChatBaichuan2(model="/nonexistent/folder")
+    with pytest.raises(error, match="stop must be a list of non-empty strings; item"):
+        llm.invoke("hi", stop=stop)
+
+
+def test_engine_sampling_params_share_the_same_checks():
+    from langchain_baichuan2.engines import SamplingParams
+
+    with pytest.raises(ValueError, match="min_new_tokens \\(9\\) must not exceed max_tokens"):
+        SamplingParams(max_new_tokens=8, extra=(("min_new_tokens", 9),))
+    with pytest.raises(TypeError, match="item 0 is int 1"):
+        SamplingParams(max_new_tokens=8, stop=(1,))  # type: ignore[arg-type]
+
+
+def test_every_standard_langchain_parameter_is_accepted():
+    from langchain_tests.unit_tests import ChatModelUnitTests
+
+    class Suite(ChatModelUnitTests):
+        chat_model_class = ChatBaichuan2
+
+    standard = Suite().standard_chat_model_params
+    expected = {"temperature", "max_tokens", "timeout", "stop", "max_retries", "api_key"}
+    assert set(standard) >= expected
+    llm = ChatBaichuan2(model="folder", **standard)
+    assert (llm.temperature, llm.max_tokens, llm.timeout, llm.stop, llm.max_retries) == (
+        0,
+        100,
+        60,
+        [],
+        2,
+    )
+    assert "test" not in repr(llm)  # the key is a secret, never shown
+    with pytest.raises(ValueError, match="max_retries"):
+        ChatBaichuan2(model="folder", max_retries=-1)

@@ -11,15 +11,6 @@ class TestChatBaichuan2Unit(ChatModelUnitTests):
         return ChatBaichuan2
 
     @property
-    def standard_chat_model_params(self) -> dict:
-        # max_retries and api_key mean nothing for a model in this process: ChatBaichuan2
-        # has no such fields and rejects unknown arguments. timeout is a real deadline.
-        params = dict(super().standard_chat_model_params)
-        params.pop("max_retries", None)
-        params.pop("api_key", None)
-        return params
-
-    @property
     def chat_model_params(self) -> dict:
         # A model id that is never downloaded: the unit suite only constructs.
         return {"model": "baichuan-inc/Baichuan2-7B-Chat"}
