@@ -1,5 +1,6 @@
 """The runnable examples work offline with --demo."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,16 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
+_NO_FAISS = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None,
+    reason='faiss-cpu is not installed (pip install ".[rag]")',
+)
 
-@pytest.mark.parametrize(("script", "expected"), [("agent.py", "[ai]")])
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [("agent.py", "[ai]"), pytest.param("rag.py", "回答 / Answer: ", marks=_NO_FAISS)],
+)
 def test_example_runs_offline(script, expected):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--demo"],
@@ -19,3 +28,4 @@ def test_example_runs_offline(script, expected):
     )
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+    assert result.stdout.split(expected, 1)[1].splitlines()[0].strip(), "nothing after it"
