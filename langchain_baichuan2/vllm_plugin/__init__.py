@@ -3,8 +3,13 @@
 vLLM runs ``register`` in every process it starts (API server, engine core, workers),
 so once this package is installed, ``vllm serve <Baichuan2 folder>`` and ``LLM(...)``
 load official checkpoints with no ``trust_remote_code``: the config and tokenizer are
-this package's native classes, the network is :mod:`.model`, and chat requests use the
-Baichuan2 chat template shipped here (``CHAT_TEMPLATE``) unless another is given.
+this package's native classes, the network is :mod:`.model`, a local folder is checked
+with ``check_checkpoint`` before vLLM starts (:mod:`.model_config`), and chat requests
+become ``ChatBaichuan2``'s prompt ids (:mod:`.renderer`, tokenizer mode ``"baichuan2"``,
+chosen when ``--tokenizer-mode`` is ``auto``). The chat template shipped here
+(``CHAT_TEMPLATE``) renders the same roles as text; vLLM falls back to it when the HF
+renderer is chosen (``--tokenizer-mode hf``), where typed control-token strings in
+messages do become control tokens.
 """
 
 from __future__ import annotations
@@ -18,20 +23,34 @@ CHAT_TEMPLATE = Path(__file__).with_name("baichuan2_chat.jinja")
 # Both spellings of the architecture that Baichuan checkpoints carry in config.json.
 ARCHITECTURES = ("BaichuanForCausalLM", "BaiChuanForCausalLM")
 
+TOKENIZER_MODE = "baichuan2"
+"""vLLM tokenizer and renderer mode whose chat prompts are ``ChatBaichuan2``'s ids."""
+
 
 def register() -> None:
-    """Register the Baichuan2 architecture and chat template with vLLM."""
+    """Register the Baichuan architectures, chat renderer and chat template with vLLM."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
     from vllm.transformers_utils.chat_templates.registry import (
         get_chat_template_fallback_path,
         register_chat_template_fallback_path,
     )
 
     import langchain_baichuan2.modeling  # noqa: F401  (config and tokenizer for "baichuan")
+    from langchain_baichuan2.vllm_plugin.model_config import BaichuanModelConfig
 
     for architecture in ARCHITECTURES:
         ModelRegistry.register_model(
             architecture, "langchain_baichuan2.vllm_plugin.model:BaichuanForCausalLM"
+        )
+        MODELS_CONFIG_MAP[architecture] = BaichuanModelConfig
+    if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
+        # The tokenizer is vLLM's HF one; only the chat renderer is ours.
+        TokenizerRegistry.register(TOKENIZER_MODE, "vllm.tokenizers.hf", "CachedHfTokenizer")
+        RENDERER_REGISTRY.register(
+            TOKENIZER_MODE, "langchain_baichuan2.vllm_plugin.renderer", "Baichuan2Renderer"
         )
     if get_chat_template_fallback_path("baichuan", "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path("baichuan", CHAT_TEMPLATE)

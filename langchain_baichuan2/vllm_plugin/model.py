@@ -1,15 +1,24 @@
 """Baichuan2 (7B: RoPE, 13B: ALiBi) written with vLLM's parallel layers.
 
 Loaded by vLLM through the plugin in this package; it reads official checkpoints as
-they are: the fused ``W_pack`` goes into a tensor-parallel QKV projection, the
-separate ``gate_proj``/``up_proj`` into one merged projection, and the ``lm_head``
-rows are L2-normalized in fp32 while loading (Baichuan2's NormHead). The position
-scheme is ``config.position_embedding``, never guessed from the hidden size. ALiBi
-slopes are computed for all heads and each tensor-parallel rank keeps its own heads'.
+they are: the fused ``W_pack`` goes whole into a tensor-parallel QKV projection, whose
+weight loader splits it into q, k and v (so quantized layouts, packed along either
+dimension, split correctly too), the separate ``gate_proj``/``up_proj`` into one merged
+projection, and the ``lm_head`` rows are L2-normalized in fp32 while loading
+(Baichuan2's NormHead). The position scheme is ``config.position_embedding``, never
+guessed from the hidden size. ALiBi slopes are computed for all heads and each
+tensor-parallel rank keeps its own heads'.
+
+Baichuan-1 (Baichuan-7B: RoPE, Baichuan-13B: ALiBi) is the same network without
+NormHead: its head is used as stored. Its config has no key that says so; both of its
+releases have the 64,000-piece vocabulary (Baichuan2's has 125,696), so that vocabulary
+size is read as Baichuan-1 and logged. Any other size (fine-tunes with added pieces,
+small test models) is Baichuan2's network, NormHead included.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any, cast
@@ -49,8 +58,14 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from langchain_baichuan2.loading import CheckpointError
 from langchain_baichuan2.modeling.configuration import ROPE_THETA, BaichuanConfig
 from langchain_baichuan2.modeling.modeling import alibi_slopes
+
+logger = logging.getLogger(__name__)
+
+BAICHUAN1_VOCAB_SIZE = 64000
+"""The vocabulary of both Baichuan-1 releases, whose head is not normalized."""
 
 # Checkpoint names stored separately but computed as one merged projection.
 _MERGED = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
@@ -259,7 +274,7 @@ class BaichuanModel(nn.Module):
 
 
 class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
-    """Baichuan2 with its normalized head, for vLLM (``architectures`` of the config)."""
+    """Baichuan2 (NormHead) or Baichuan-1 (plain head), for vLLM (``architectures``)."""
 
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -271,6 +286,13 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             raise TypeError(msg)
         config.validate_architecture()
         self.config = config
+        self.norm_head = config.vocab_size != BAICHUAN1_VOCAB_SIZE
+        if not self.norm_head:
+            logger.info(
+                "Vocabulary of %d pieces: a Baichuan-1 checkpoint, its head used as stored "
+                "(no NormHead)",
+                config.vocab_size,
+            )
         self.model = BaichuanModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head: nn.Module
         if get_pp_group().is_last_rank:
@@ -310,25 +332,29 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         for name, tensor in weights:
             if is_pp_missing_parameter(name, self):
                 continue
-            if name == "lm_head.weight":
+            if self.quant_config is None and not tensor.is_floating_point():
+                # Copying it into a float parameter would cast it silently.
+                msg = (
+                    f"Tensor {name!r} is stored as {tensor.dtype}, not a floating-point "
+                    "type, and the checkpoint declares no quantization: the weights "
+                    "file is not a usable Baichuan checkpoint"
+                )
+                raise CheckpointError(msg)
+            if name == "lm_head.weight" and self.norm_head:
                 # NormHead: normalize the stored rows in fp32 before any cast.
                 tensor = nn.functional.normalize(tensor.float(), dim=-1, eps=1e-12)
-            shards: list[tuple[str, torch.Tensor, str | int | None]]
-            if ".W_pack." in name:
-                shards = list(zip([name] * 3, tensor.chunk(3, dim=0), "qkv", strict=True))
+            # W_pack stays whole: with no shard id, the QKV loader splits it into q, k, v.
+            param_name, shard = name, None
+            for part, (merged, index) in _MERGED.items():
+                if part in name:
+                    param_name, shard = name.replace(part, merged), index
+            if param_name not in params:
+                msg = f"unexpected tensor {name!r} in the checkpoint"
+                raise ValueError(msg)
+            param = params[param_name]
+            if shard is None:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             else:
-                shards = [(name, tensor, None)]
-                for part, (merged, index) in _MERGED.items():
-                    if part in name:
-                        shards = [(name.replace(part, merged), tensor, index)]
-            for param_name, value, shard in shards:
-                if param_name not in params:
-                    msg = f"unexpected tensor {name!r} in the checkpoint"
-                    raise ValueError(msg)
-                param = params[param_name]
-                if shard is None:
-                    getattr(param, "weight_loader", default_weight_loader)(param, value)
-                else:
-                    cast(Any, param).weight_loader(param, value, shard)  # vLLM sets it
-                loaded.add(param_name)
+                cast(Any, param).weight_loader(param, tensor, shard)  # vLLM sets it
+            loaded.add(param_name)
         return loaded

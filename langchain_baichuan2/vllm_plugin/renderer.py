@@ -1,0 +1,83 @@
+"""vLLM's chat renderer for Baichuan2: messages become ids, never text to tokenize again.
+
+Registered as vLLM renderer (and tokenizer) mode ``"baichuan2"``, the mode the plugin
+picks for Baichuan checkpoints when ``--tokenizer-mode`` is left at ``auto``. Chat
+requests (``/v1/chat/completions``, ``/tokenize`` with messages, ``LLM.chat``) get the
+ids of :func:`.chat.chat_prompt_ids`; a chat template named by the server
+(``--chat-template``), the request, or the tokenizer's own config is applied as vLLM's
+HF renderer applies it. Everything else (completions, token ids, detokenizing) is the
+HF renderer's.
+"""
+
+from __future__ import annotations
+
+from vllm.config import VllmConfig
+from vllm.renderers.chat_utils import (
+    ChatCompletionMessageParam,
+    ConversationMessage,
+    parse_chat_messages,
+    parse_chat_messages_async,
+)
+from vllm.renderers.hf import HfRenderer
+from vllm.renderers.inputs import DictPrompt
+from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
+from vllm.renderers.params import ChatParams
+from vllm.tokenizers.hf import HfTokenizer
+from vllm.utils.async_utils import make_async
+
+from langchain_baichuan2.prompt import literal_text_encoder
+from langchain_baichuan2.vllm_plugin.chat import chat_prompt_ids
+
+
+class Baichuan2Renderer(HfRenderer):
+    """HF renderer whose chat prompts are ``ChatBaichuan2``'s ids (message text literal)."""
+
+    def __init__(self, config: VllmConfig, tokenizer: HfTokenizer | None) -> None:
+        super().__init__(config, tokenizer)
+        generation = config.model_config.try_get_generation_config()
+        self.user_token_id = int(generation.get("user_token_id", 195))
+        self.assistant_token_id = int(generation.get("assistant_token_id", 196))
+        self._prompt_ids_async = make_async(self._prompt_ids, executor=self._executor)
+
+    def _uses_template(self, params: ChatParams) -> bool:
+        """True when a chat template was named; it is then applied as vLLM does."""
+        return params.chat_template is not None or bool(
+            getattr(self.get_tokenizer(), "chat_template", None)
+        )
+
+    def _prompt_ids(
+        self, messages: list[ChatCompletionMessageParam], params: ChatParams
+    ) -> list[int]:
+        """The prompt ids of a conversation (see :func:`.chat.chat_prompt_ids`)."""
+        return chat_prompt_ids(
+            messages,  # type: ignore[arg-type]
+            literal_text_encoder(self.get_tokenizer()),
+            add_generation_prompt=params.chat_template_kwargs.get("add_generation_prompt", True),
+            user_token_id=self.user_token_id,
+            assistant_token_id=self.assistant_token_id,
+        )
+
+    def render_messages(
+        self, messages: list[ChatCompletionMessageParam], params: ChatParams
+    ) -> tuple[list[ConversationMessage], DictPrompt]:
+        """The conversation as vLLM parses it, and the prompt as token ids."""
+        if self._uses_template(params):
+            return super().render_messages(messages, params)
+        # Ids first: vLLM's parsing rewrites tool call arguments in place.
+        ids = self._prompt_ids(messages, params)
+        conversation, _, _ = parse_chat_messages(
+            messages, self.model_config, content_format="openai"
+        )
+        return conversation, parse_dec_only_prompt(ids)
+
+    async def render_messages_async(
+        self, messages: list[ChatCompletionMessageParam], params: ChatParams
+    ) -> tuple[list[ConversationMessage], DictPrompt]:
+        """:meth:`render_messages`, with the encoding on the renderer's thread pool."""
+        if self._uses_template(params):
+            return await super().render_messages_async(messages, params)
+        ids = await self._prompt_ids_async(messages, params)
+        conversation, _, _ = await parse_chat_messages_async(
+            messages, self.model_config, content_format="openai"
+        )
+        return conversation, parse_dec_only_prompt(ids)
