@@ -1,13 +1,16 @@
 """The native engine's fast path (slot KV cache, compiled step) against independent truths."""
 
 import asyncio
+import contextvars
 import logging
+import threading
 
 import pytest
 import torch
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engines.native import engine_for
+from langchain_baichuan2.engines.base import SamplingParams, merge_chunks
+from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.engines.slot_model import SlotModel
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
@@ -200,3 +203,90 @@ def test_the_compiled_step_builds_one_graph_per_batch_bucket(tmp_path):
     slot_model = engine_for(llm.loaded_model()).slot_model
     assert not slot_model.compile_failed
     assert counters["stats"]["unique_graphs"] - before == len(slot_model._compiled_shapes)
+
+
+def _prompt(n, start=3):
+    return [195, *(start + i % 900 for i in range(n - 2)), 196]
+
+
+def _greedy(new_tokens):
+    return SamplingParams(
+        max_new_tokens=new_tokens,
+        repetition_penalty=1.0,
+        extra=(("min_new_tokens", new_tokens),),
+    )
+
+
+def test_after_a_long_request_the_compiled_step_attends_few_keys_again(tmp_path, monkeypatch):
+    folder = make_tiny_checkpoint(tmp_path / "key-buckets", "7b")
+    engine = NativeEngine(load_model_and_tokenizer(folder), compile=False)
+    requests = [_prompt(600), _prompt(12)]
+    try:
+        expected = [merge_chunks(engine.stream(ids, _greedy(8))).token_ids for ids in requests]
+        engine.set_compile(True)
+        shapes = []
+        slot_model = engine.slot_model
+        original = slot_model._run_compiled
+
+        def spy(*arguments):
+            shapes.append((arguments[0].shape[0], arguments[2][0].shape[2]))
+            return original(*arguments)
+
+        monkeypatch.setattr(slot_model, "_run_compiled", spy)
+        got = []
+        for ids in requests:
+            shapes.append("request")
+            got.append(merge_chunks(engine.stream(ids, _greedy(8))).token_ids)
+    finally:
+        engine.shutdown()
+    assert got == expected
+    assert not slot_model.compile_failed
+    split = shapes.index("request", 1)
+    assert set(shapes[1:split]) == {(1, 1024)}  # 600 positions and more, buffers of 1024
+    assert set(shapes[split + 1 :]) == {(1, 256)}  # the short request reads 256 keys
+
+
+def test_when_rows_end_the_remaining_row_moves_down_and_decodes_as_before(tiny_7b, monkeypatch):
+    loaded = load_model_and_tokenizer(tiny_7b)
+    engine = NativeEngine(loaded)
+    calls = []
+    original = SlotModel.decode
+
+    def spy(self, slots, *args):
+        calls.append(list(slots))
+        return original(self, slots, *args)
+
+    monkeypatch.setattr(SlotModel, "decode", spy)
+    first_chunk = threading.Event()
+
+    def short(i):
+        for _ in engine.stream(_prompt(10 + i, start=20 * i + 3), _greedy(30)):
+            first_chunk.set()
+
+    long_ids = _prompt(25, start=500)
+    try:
+        with engine.gather(3):
+            threads = [
+                threading.Thread(target=contextvars.copy_context().run, args=(short, i))
+                for i in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+        assert first_chunk.wait(60)
+        got = merge_chunks(engine.stream(long_ids, _greedy(60))).token_ids  # joins in slot 3
+        for thread in threads:
+            thread.join(60)
+    finally:
+        engine.shutdown()
+    assert [0, 1, 2, 3] in [sorted(c) for c in calls]
+    assert calls[-1] == [0]  # alone: its keys moved to slot 0, the step covers one row
+    with torch.no_grad():
+        out = loaded.model.generate(
+            torch.tensor([long_ids]),
+            max_new_tokens=60,
+            min_new_tokens=60,
+            do_sample=False,
+            repetition_penalty=1.0,
+            pad_token_id=0,
+        )
+    assert got == out[0, len(long_ids) :].tolist()
