@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import json
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,7 @@ from transformers import GenerationConfig
 
 from langchain_baichuan2.engines.base import (
     Engine,
+    EngineStoppedError,
     GenerationChunk,
     OutputText,
     SamplingParams,
@@ -45,14 +47,17 @@ from langchain_baichuan2.loading import (
     DType,
     Source,
     check_checkpoint,
-    read_config,
     resolve_dtype,
     resolve_model_path,
 )
-from langchain_baichuan2.modeling import BaichuanTokenizer
+from langchain_baichuan2.modeling import BaichuanConfig, BaichuanTokenizer
+
+logger = logging.getLogger(__name__)
 
 # generate() arguments vLLM can honour (``min_new_tokens`` is its ``min_tokens``).
 EXTRA_ARGUMENTS = ("min_new_tokens",)
+# The hottest sampling vLLM accepts (the native engine has no limit).
+MAX_TEMPERATURE = 2.0
 
 
 def vllm_available() -> bool:
@@ -67,11 +72,17 @@ def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
     reject_unsupported_arguments(extra, EXTRA_ARGUMENTS, "vllm")
 
 
+# How long a shutdown waits for vLLM's requests to end and its processes to exit.
+SHUTDOWN_SECONDS = 30
+
+
 class VllmEngine(Engine):
     """Generation on vLLM's ``AsyncLLM`` for one checkpoint folder and configuration.
 
     Args:
         folder: A Baichuan2 checkpoint folder (this package's vLLM plugin loads it).
+        config: Its config, as ``check_checkpoint(folder)`` returned it: vLLM only
+            starts on a checked folder (a bad one would kill its engine process).
         dtype: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a dtype name.
         tensor_parallel_size: GPUs (or CPU sockets) each layer is split across.
         pipeline_parallel_size: Stages the layers are split into.
@@ -82,13 +93,13 @@ class VllmEngine(Engine):
     def __init__(
         self,
         folder: Path,
+        config: BaichuanConfig,
         *,
         dtype: DType = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         vllm_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        config = check_checkpoint(folder)
         self.folder = folder
         self.tokenizer = BaichuanTokenizer.from_pretrained(folder)
         self.generation_config = GenerationConfig.from_pretrained(folder)
@@ -132,8 +143,39 @@ class VllmEngine(Engine):
         with self._state_lock:
             if self._closed:
                 coroutine.close()
-                raise RuntimeError("The vLLM engine was shut down")
+                msg = (
+                    "The vLLM engine stopped: it was shut down (unload()) before this "
+                    "request started; the next call starts a new one"
+                )
+                raise EngineStoppedError(msg)
             return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def failure(self) -> str | None:
+        """Why this engine can no longer serve (it died or was shut down), or None."""
+        if self._closed:
+            return "it was shut down"
+        if self.llm.errored:
+            return self._death_reason()
+        return None
+
+    def _death_reason(self) -> str:
+        """What vLLM knows of its engine's death: the exit codes of its processes."""
+        manager = self.llm.engine_core.resources.engine_manager
+        finished: dict[str, int] = getattr(manager, "finished_procs", dict)()  # not on Ray
+        exits = [f"{name} exited with code {code}" for name, code in finished.items()]
+        if exits:
+            return f"its engine process {', '.join(exits)}"
+        return "its engine core failed (vLLM logged the cause above)"
+
+    def _stopped_error(self, cause: BaseException) -> EngineStoppedError:
+        """The error a request gets when the engine died under it."""
+        msg = (
+            f"The vLLM engine stopped: {self._death_reason()} ({type(cause).__name__}); "
+            "this request failed and the next call starts a new engine"
+        )
+        error = EngineStoppedError(msg)
+        error.__cause__ = cause
+        return error
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         """Our sampling settings as vLLM's ``SamplingParams``; what vLLM cannot honour raises."""
@@ -142,6 +184,12 @@ class VllmEngine(Engine):
 
         check_extra_arguments(params.extra)
         check_top_k(params, self.vocab_size)
+        if params.temperature > MAX_TEMPERATURE:
+            msg = (
+                f"temperature must be at most {MAX_TEMPERATURE} on backend 'vllm' (vLLM's "
+                f"limit), got {params.temperature}; backend='native' samples hotter"
+            )
+            raise ValueError(msg)
         structured = (
             StructuredOutputsParams(grammar=str(build_grammar(params.constraint)))
             if params.constraint is not None
@@ -159,7 +207,8 @@ class VllmEngine(Engine):
             detokenize=False,  # our own detokenizing: the same text as the native engine
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=not params.reuse_prefix,
-            min_tokens=int(dict(params.extra).get("min_new_tokens", 0)),
+            # Checked by SamplingParams (an int in [0, max_new_tokens]); passed as given.
+            min_tokens=dict(params.extra).get("min_new_tokens", 0),
         )
 
     async def _generate(
@@ -207,10 +256,18 @@ class VllmEngine(Engine):
                 raise RuntimeError("vLLM ended the request without a finish reason")
             emit(text.summary(len(prompt_ids), cached, prompt_seconds or 0.0, submitted))
         except asyncio.CancelledError:  # a closed stream, a cancelled task, or shutdown
-            emit(RuntimeError("The vLLM request was cancelled (or the engine shut down)"))
+            if self._closed:  # the caller still waits; a closed stream reads nothing
+                msg = (
+                    "The vLLM engine stopped: it was shut down (unload()) while this "
+                    "request ran; the next call starts a new one"
+                )
+                emit(EngineStoppedError(msg))
             raise
         except Exception as e:  # the caller must see it
-            emit(e)
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            dead = isinstance(e, EngineDeadError) or self.llm.errored
+            emit(self._stopped_error(e) if dead else e)
 
     def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams
@@ -268,7 +325,9 @@ class VllmEngine(Engine):
         """Nothing to set: vLLM sizes its prefix cache from its KV-cache memory."""
 
     def running_requests(self) -> int:
-        """Requests vLLM is still working on (for checks and monitoring)."""
+        """Requests vLLM is still working on (for checks and monitoring); 0 once shut down."""
+        if self.llm is None:
+            return 0
         return int(self.llm.output_processor.get_num_unfinished_requests())
 
     def shutdown(self) -> None:
@@ -281,12 +340,16 @@ class VllmEngine(Engine):
             cancelled = asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop)
             self._closed = True
         try:
-            cancelled.result(timeout=30)
+            cancelled.result(timeout=SHUTDOWN_SECONDS)
         finally:
             try:
-                self.llm.shutdown()
+                # Time to exit on its own: a killed engine process leaks its shared memory.
+                self.llm.shutdown(timeout=SHUTDOWN_SECONDS)
             finally:
                 self._stop_loop()
+                # AsyncLLM.__del__ shuts it down again; let that happen now, not at exit
+                # (where vLLM's module globals are gone and it fails noisily).
+                self.llm = None
 
     @staticmethod
     async def _cancel_tasks() -> None:
@@ -303,15 +366,48 @@ class VllmEngine(Engine):
             self._loop.close()
 
 
+# The running engine of each configuration. An engine's whole life (its start, its
+# replacement after a death, its shutdown) happens under its configuration's lock, so
+# a shutdown never overlaps a start of the same configuration, and every engine
+# started is in this table until it is shut down.
 _engines: dict[str, VllmEngine] = {}
-_engines_lock = threading.Lock()
-# Where each (model, revision, source) was found, so engines are found again without
-# resolving (or downloading) anything.
+_lifecycle_locks: dict[str, threading.Lock] = {}
+_table_lock = threading.Lock()  # guards _lifecycle_locks, _folders and _configs
+# Where each (model, revision, source) was found (and checked), so engines are found
+# again without resolving, downloading or checking anything.
 _folders: dict[tuple[str, str | None, str], Path] = {}
+_configs: dict[Path, BaichuanConfig] = {}
 
 
 class NativeOnlyCheckpoint(ValueError):
     """A checkpoint only the native backend loads (bitsandbytes, the Chat-4bits releases)."""
+
+
+def _lifecycle_lock(key: str) -> threading.Lock:
+    """The lock that orders the start and shutdown of the engine of ``key``."""
+    with _table_lock:
+        return _lifecycle_locks.setdefault(key, threading.Lock())
+
+
+def _checked_folder(name: str, revision: str | None, source: Source) -> Path:
+    """Resolve and check a model's folder on first use (never again afterwards)."""
+    where = (name, revision, source)
+    with _table_lock:
+        folder = _folders.get(where)
+    if folder is not None:
+        return folder
+    folder = resolve_model_path(name, revision=revision, source=source)
+    config = check_checkpoint(folder)  # before vLLM ever sees the folder
+    if getattr(config, "quantization_config", None) is not None:
+        msg = (
+            f"{folder} holds bitsandbytes-quantized weights, which only backend='native' "
+            "loads; for vLLM use the full-precision checkpoint"
+        )
+        raise NativeOnlyCheckpoint(msg)
+    with _table_lock:
+        _configs[folder] = config
+        _folders[where] = folder
+    return folder
 
 
 def vllm_engine_for(
@@ -324,35 +420,38 @@ def vllm_engine_for(
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
 ) -> VllmEngine:
-    """The one vLLM engine for this model and configuration (started on first use)."""
+    """The one vLLM engine for this model and configuration (started on first use).
+
+    An engine that died (its process exited, vLLM reported it dead) is shut down and
+    replaced here, so one crash never makes every later call fail.
+    """
     if not vllm_available():
         msg = (
             "backend='vllm' needs vLLM: pip install 'langchain-baichuan2[vllm]' on a GPU "
             "machine (see the README for the CPU build), or use backend='native'"
         )
         raise ImportError(msg)
-    where = (name, revision, source)
-    folder = _folders.get(where)
-    if folder is None:  # first use: resolve and check the folder once
-        folder = resolve_model_path(name, revision=revision, source=source)
-        if getattr(read_config(folder), "quantization_config", None) is not None:
-            msg = (
-                f"{folder} holds bitsandbytes-quantized weights, which only backend='native' "
-                "loads; for vLLM use the full-precision checkpoint"
-            )
-            raise NativeOnlyCheckpoint(msg)
-        _folders[where] = folder
+    folder = _checked_folder(name, revision, source)
     key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
-    with _engines_lock:
+    with _lifecycle_lock(key):
         engine = _engines.get(key)
-        if engine is None:
-            engine = _engines[key] = VllmEngine(
-                folder,
-                dtype=dtype,
-                tensor_parallel_size=tensor_parallel_size,
-                pipeline_parallel_size=pipeline_parallel_size,
-                vllm_kwargs=vllm_kwargs,
+        if engine is not None:
+            failure = engine.failure()
+            if failure is None:
+                return engine
+            logger.warning(
+                "The vLLM engine for %s stopped (%s); starting a new one", folder, failure
             )
+            del _engines[key]
+            engine.shutdown()
+        engine = _engines[key] = VllmEngine(
+            folder,
+            _configs[folder],
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            vllm_kwargs=vllm_kwargs,
+        )
         return engine
 
 
@@ -387,24 +486,29 @@ def shutdown_vllm_engine(
 
     Never downloads: a model that was never started has no engine to stop.
     """
-    folder = _folders.get((name, revision, source))
+    with _table_lock:
+        folder = _folders.get((name, revision, source))
     if folder is None:
         return False
     key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
-    with _engines_lock:
+    return _shutdown(key)
+
+
+def _shutdown(key: str) -> bool:
+    """Shut down the engine of ``key`` (waiting for a start in progress); whether one ran."""
+    with _lifecycle_lock(key):
         engine = _engines.pop(key, None)
-    if engine is not None:
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
     return engine is not None
 
 
 def shutdown_vllm_engines() -> None:
     """Stop every vLLM engine started in this process (their GPU memory is freed)."""
-    with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.shutdown()
+    with _table_lock:
+        keys = list(_lifecycle_locks)
+    for key in keys:
+        _shutdown(key)
 
 
 atexit.register(shutdown_vllm_engines)

@@ -257,3 +257,35 @@ async def test_a_call_past_its_timeout_raises_and_aborts_the_vllm_request(pair):
         await vllm.ainvoke("Tell me a very long story.", **long)
     assert await asyncio.to_thread(wait_until_idle, vllm.engine()) == 0
     assert vllm.invoke("Hello!").content  # the engine serves the next call
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"temperature": 1e-45}, "temperature must be 0 (greedy) or >= 0.01, got 1e-45"),
+        ({"model_kwargs": {"min_new_tokens": -5}}, "min_new_tokens must be an integer >= 0"),
+        (
+            {"max_tokens": 4, "model_kwargs": {"min_new_tokens": 5}},
+            "min_new_tokens (5) must not exceed max_tokens (4)",
+        ),
+    ],
+)
+def test_values_vllm_would_clamp_or_reword_raise_the_native_error(pair, settings, message):
+    # vLLM alone would raise 0.01 to the temperature and word its own min_tokens errors.
+    native, vllm = pair
+    errors = []
+    for llm in (native, vllm):
+        with pytest.raises(ValueError) as raised:
+            llm.model_copy(update=settings).invoke("Hi")
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1]
+    assert message in errors[1]
+    assert vllm.invoke("Hi").content == native.invoke("Hi").content  # still serving
+
+
+def test_a_temperature_above_vllms_limit_is_a_clear_value_error(pair):
+    native, vllm = pair
+    assert native.invoke("Hi", temperature=3.0).content  # the native engine samples it
+    with pytest.raises(ValueError, match=r"temperature must be at most 2.0 on backend 'vllm'"):
+        vllm.invoke("Hi", temperature=3.0)
+    assert vllm.invoke("Hi").content == native.invoke("Hi").content
