@@ -50,7 +50,7 @@ class Baichuan2Renderer(HfRenderer):
     ) -> list[int]:
         """The prompt ids of a conversation (see :func:`.chat.chat_prompt_ids`)."""
         return chat_prompt_ids(
-            messages,  # type: ignore[arg-type]
+            messages,
             literal_text_encoder(self.get_tokenizer()),
             add_generation_prompt=params.chat_template_kwargs.get("add_generation_prompt", True),
             user_token_id=self.user_token_id,
