@@ -411,7 +411,8 @@ class ChatBaichuan2(BaseChatModel):
     device, bitsandbytes and the official 4-bit checkpoints), ``"vllm"`` (vLLM's engine,
     fed the same prompt ids: higher throughput, several GPUs, several nodes) or
     ``"auto"`` (vLLM when it is installed, a CUDA GPU is present and no native-only
-    setting (``quantization``, ``device_map``, ``compile``) is given; else native)."""
+    setting (``quantization``, ``device_map``, ``compile``, ``kv_cache_bytes``) is
+    given; else native)."""
 
     compile: bool | None = None
     """Native backend: run the decode step compiled with ``torch.compile`` (CUDA
@@ -420,6 +421,13 @@ class ChatBaichuan2(BaseChatModel):
     batch size on the first calls (logged); if it fails, the engine warns and runs
     uncompiled; bitsandbytes weights always run uncompiled. The engine is shared by
     every object on the same model: an explicit value applies to all of them."""
+
+    kv_cache_bytes: int | None = Field(default=None, gt=0)
+    """Native backend: memory the running requests' key/value cache may take. Each
+    request reserves room for ``min(prompt + max_tokens, context)`` tokens when it
+    starts; requests beyond the budget wait until a running one ends. None (default):
+    90% of the GPU memory free after loading, less a prefill workspace; a quarter of
+    the RAM on a CPU. Applies when the model's engine is created (its first call)."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)
     """``backend="vllm"``: GPUs each layer is split across. Default 1."""
@@ -516,6 +524,7 @@ class ChatBaichuan2(BaseChatModel):
             "parse_special_tokens": self.parse_special_tokens,
             "backend": self.backend,
             "compile": self.compile,
+            "kv_cache_bytes": self.kv_cache_bytes,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "vllm_kwargs": self.vllm_kwargs,
@@ -561,7 +570,7 @@ class ChatBaichuan2(BaseChatModel):
 
     def _native_settings(self) -> list[str]:
         """The native-only settings this object sets."""
-        names = ("quantization", "device_map", "compile")
+        names = ("quantization", "device_map", "compile", "kv_cache_bytes")
         return [name for name in names if getattr(self, name) is not None]
 
     def _resolved_backend(self) -> Literal["native", "vllm"]:
@@ -607,7 +616,8 @@ class ChatBaichuan2(BaseChatModel):
                     raise
         while True:
             try:
-                engine = native.engine_for(self.loaded_model(model), self.compile)
+                loaded = self.loaded_model(model)
+                engine = native.engine_for(loaded, self.compile, self.kv_cache_bytes)
                 break
             except ModelUnloadedError:
                 continue  # unloaded between the lookup and the start: load it again

@@ -41,6 +41,7 @@ from transformers.generation.logits_process import (
 
 from langchain_baichuan2.engines.base import (
     Engine,
+    EngineStoppedError,
     GenerationChunk,
     OutputText,
     SamplingParams,
@@ -473,7 +474,7 @@ class NativeEngine(Engine):
         request = _Request(prompt_ids, params, reserved, grammar, loop)
         with self._lock:
             if self._closed:
-                raise RuntimeError("The Baichuan2 engine was shut down")
+                raise EngineStoppedError("The Baichuan2 engine was shut down")
             if self._worker is None:
                 self._start_worker()
             self._inbox.put(request)
@@ -547,7 +548,7 @@ class NativeEngine(Engine):
             except queue.Empty:
                 if self._worker is not None and self._worker.is_alive():
                     continue
-                item = RuntimeError("The Baichuan2 engine's worker stopped unexpectedly")
+                item = EngineStoppedError("The Baichuan2 engine's worker stopped unexpectedly")
             if isinstance(item, BaseException):
                 raise item
             return item
@@ -655,7 +656,7 @@ class NativeEngine(Engine):
                 if batch is not None and not batch.rows:
                     batch = None
         finally:
-            stopped = RuntimeError("The Baichuan2 engine was shut down")
+            stopped = EngineStoppedError("The Baichuan2 engine was shut down")
             for row in batch.rows if batch is not None else []:
                 row.request.send(stopped)
             if batch is not None:
@@ -742,7 +743,7 @@ class NativeEngine(Engine):
             worker.join(timeout)
             if worker.is_alive():
                 return  # it reaches the marker after its step and answers the rest
-        self._answer_queued(RuntimeError("The Baichuan2 engine was shut down"))
+        self._answer_queued(EngineStoppedError("The Baichuan2 engine was shut down"))
 
     @torch.inference_mode()
     def _prefill(self, request: _Request) -> tuple[_Row, torch.Tensor]:

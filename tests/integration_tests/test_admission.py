@@ -245,3 +245,21 @@ def test_nan_logits_say_the_model_produced_nan_and_the_next_call_works(loaded, m
         assert merge_chunks(engine.stream(ids, params(6, forced=6))).token_ids == expected
     finally:
         engine.shutdown()
+
+
+def test_chat_model_budget_reaches_the_engine_and_refuses_what_cannot_fit(tiny_13b):
+    from langchain_baichuan2 import ChatBaichuan2
+
+    probe = ChatBaichuan2(model=str(tiny_13b))
+    position_bytes = probe.engine().slot_model.cache.position_bytes
+    probe.unload()
+    llm = ChatBaichuan2(
+        model=str(tiny_13b), temperature=0, max_tokens=200, kv_cache_bytes=100 * position_bytes
+    )
+    assert llm.engine().kv_cache_bytes == 100 * position_bytes
+    with pytest.raises(ValueError, match="holds for one request"):
+        llm.invoke("hello")
+    assert llm.invoke("hello", max_tokens=4).content is not None  # still serving
+    llm.unload()
+    with pytest.raises(ValueError, match="only apply to backend='native'"):
+        ChatBaichuan2(model=str(tiny_13b), backend="vllm", kv_cache_bytes=1 << 20)

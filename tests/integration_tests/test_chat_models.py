@@ -282,7 +282,7 @@ def test_an_error_in_the_generation_thread_reaches_the_caller(tiny_7b, monkeypat
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": -0.5}, r"temperature must be 0 \(greedy\) or >= 0.01"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
@@ -301,7 +301,7 @@ def test_bad_parameters_are_rejected_at_construction(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"temperature": -1}, r"temperature must be 0 \(greedy\) or >= 0.01"),
         ({"top_p": 2.0}, "top_p must be in"),
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
         ({"max_tokens": 4096}, "leaves no room for the prompt"),

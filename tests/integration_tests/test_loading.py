@@ -51,6 +51,16 @@ def test_auto_classes_load_without_remote_code_and_never_run_folder_python(
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=1e-5)
 
 
+def test_baichuan_1_tokenizer_class_name_gives_the_native_tokenizer(tiny_7b, tmp_path):
+    folder = copy_checkpoint(tiny_7b, tmp_path / "ckpt")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "BaiChuanTokenizer"  # as Baichuan-7B's folder spells it
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer).__name__ == "BaichuanTokenizer"
+    assert tokenizer.encode("<reserved_106>hi", add_special_tokens=False)[0] == 195
+
+
 def test_position_scheme_follows_the_official_config_keys(tiny_7b, tiny_13b):
     assert AutoConfig.from_pretrained(tiny_7b).position_embedding == "rope"
     assert AutoConfig.from_pretrained(tiny_13b).position_embedding == "alibi"

@@ -285,8 +285,8 @@ def test_building_shared_services_never_waits_for_a_forward_pass(tiny_7b):
     import threading
 
     llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=4)
-    loaded = llm.loaded_model()
-    loaded.close()  # a fresh engine and grammar compiler must be built below
+    llm.unload()
+    loaded = llm.loaded_model()  # a fresh engine and grammar compiler must be built below
     built = threading.Event()
     with loaded.lock:  # as the worker holds it during a forward pass
         thread = threading.Thread(target=lambda: (engine_for(loaded).grammar_compiler, built.set()))
