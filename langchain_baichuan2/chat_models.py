@@ -789,6 +789,13 @@ class ChatBaichuan2(BaseChatModel):
 
     # -- generation -----------------------------------------------------------------
 
+    def _may_retry(self, error: EngineStoppedError, answered: bool, attempt: int) -> bool:
+        """Whether a call whose engine stopped starts again: nothing answered, retries left."""
+        if answered or attempt == self.max_retries:
+            return False
+        logger.warning("%s; starting the call again (retry %d)", error, attempt + 1)
+        return True
+
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -809,9 +816,8 @@ class ChatBaichuan2(BaseChatModel):
                         yield chunk
                 return
             except EngineStoppedError as e:
-                if answered or attempt == self.max_retries:
+                if not self._may_retry(e, answered, attempt):
                     raise
-                logger.warning("%s; starting the call again (retry %d)", e, attempt + 1)
 
     async def _astream(
         self,
@@ -833,9 +839,8 @@ class ChatBaichuan2(BaseChatModel):
                         yield chunk
                 return
             except EngineStoppedError as e:
-                if answered or attempt == self.max_retries:
+                if not self._may_retry(e, answered, attempt):
                     raise
-                logger.warning("%s; starting the call again (retry %d)", e, attempt + 1)
 
     @staticmethod
     def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:

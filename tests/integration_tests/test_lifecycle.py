@@ -98,3 +98,23 @@ def test_without_retries_the_stopped_engine_is_a_clear_error(tiny_7b, monkeypatc
         raise AssertionError("expected EngineStoppedError")
     monkeypatch.undo()
     assert llm.invoke("hello").content  # the next call loads the model again
+
+
+async def test_an_async_call_whose_engine_is_unloaded_before_it_starts_is_retried(
+    tiny_7b, monkeypatch
+):
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=3)
+    expected = (await llm.ainvoke("hello")).content
+    engine = llm.engine()
+    real_astream = type(engine).astream
+    calls = []
+
+    def unload_then_astream(self, prompt_ids, params):
+        calls.append(self)
+        if len(calls) == 1:
+            llm.unload()
+        return real_astream(self, prompt_ids, params)
+
+    monkeypatch.setattr(type(engine), "astream", unload_then_astream)
+    assert (await llm.ainvoke("hello")).content == expected
+    assert len(calls) == 2 and calls[0] is not calls[1]
