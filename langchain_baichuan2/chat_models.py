@@ -658,8 +658,8 @@ class ChatBaichuan2(BaseChatModel):
 
         Counted exactly as a call builds the prompt (system text, role tokens, the
         tool protocol's system text when ``tools`` are given, the final assistant
-        token), with the checkpoint's tokenizer; only the tokenizer is read when the
-        model is not loaded yet.
+        token), with the checkpoint's tokenizer. The weights are not loaded for this
+        (a model id is downloaded first, as any call would).
         """
         tokenizer = self._tokenizer()
         extra = {"tools": format_tools(tools)} if tools else {}

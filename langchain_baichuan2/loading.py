@@ -527,7 +527,7 @@ def _load(
         # fails (huggingface/transformers#45743); the state dict already has the saved layout.
         model._weight_conversions = []  # type: ignore[assignment]
     model.eval()
-    if legacy_state is None:
+    if legacy_state is None and config.norm_head:
         _normalize_head_from_file(model, folder)
     tokenizer = BaichuanTokenizer.from_pretrained(folder)
     loaded = LoadedModel(model, tokenizer, model.generation_config, folder)

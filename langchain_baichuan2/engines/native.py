@@ -22,7 +22,6 @@ import asyncio
 import contextvars
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import psutil
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessor,
@@ -91,12 +91,6 @@ _SHUTDOWN = object()
 _WAKE = object()
 
 
-def context_length_of(config: Any) -> int:
-    """Longest sequence the model takes: ``model_max_length``, within RoPE's positions."""
-    positions = getattr(config, "max_position_embeddings", None)
-    return min(config.model_max_length, positions or config.model_max_length)
-
-
 def prefill_workspace_bytes(config: Any, context: int) -> int:
     """Memory a prefill of ``context`` tokens may need beside the key/value buffers.
 
@@ -112,7 +106,7 @@ def default_kv_cache_bytes(cache: SlotCache, config: Any, context: int) -> int:
 
     On a GPU: 90% of the memory free on each layer's device after loading (counting
     torch's cached free blocks), less a prefill workspace, for that device's share of
-    the layers. On a CPU: a quarter of the physical memory.
+    the layers. On a CPU: a quarter of the memory available after loading.
     """
     layers: dict[torch.device, int] = {}
     for device in cache.devices:
@@ -125,7 +119,7 @@ def default_kv_cache_bytes(cache: SlotCache, config: Any, context: int) -> int:
             free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             usable = GPU_MEMORY_SHARE * free - prefill_workspace_bytes(config, context)
         else:
-            usable = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+            usable = psutil.virtual_memory().available / 4
         positions.append(max(0, int(usable)) // (count * per_layer_position))
     return min(positions) * cache.position_bytes
 
@@ -344,7 +338,7 @@ class NativeEngine(Engine):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config
-        self.context_length = context_length_of(self.model.config)
+        self.context_length = self.model.config.context_length
         self.device = next(self.model.parameters()).device
         self.eos_ids = eos_ids_of(loaded.generation_config)
         self.vocab_size = self.model.config.vocab_size
@@ -382,14 +376,16 @@ class NativeEngine(Engine):
         """Turn the compiled decode step on or off (None: on only for a CUDA GPU).
 
         Only unquantized weights compile; if compiling fails, the engine warns and runs
-        uncompiled from then on. On a GPU, turning it on starts a warm-up in the
-        background (see ``warm_up``); requests wait for it. Elsewhere each step
-        shape compiles on its first use, unless ``warm_up`` is called.
+        uncompiled from then on. On a GPU a warm-up starts in the background (see
+        ``warm_up``; requests wait for it): it sizes the key/value buffers once, so they
+        never grow (growing would need the old and the new buffers at once), and
+        compiles every step shape when compiling. Elsewhere each step shape compiles on
+        its first use, unless ``warm_up`` is called.
         """
         if compile is None:
             compile = self.device.type == "cuda"
         self.slot_model.compile = bool(compile) and not self._quantized
-        if self.slot_model.compile and self.device.type == "cuda":
+        if self.device.type == "cuda":
             self._request_warm_up()
 
     def _request_warm_up(self) -> None:
@@ -416,8 +412,11 @@ class NativeEngine(Engine):
 
         Raises:
             TimeoutError: It did not end within ``timeout`` seconds.
+            EngineStoppedError: The engine was shut down before warming up.
         """
         self._request_warm_up()
+        if self._closed and not self._warmed.is_set():
+            raise EngineStoppedError("The Baichuan2 engine was shut down")
         if not self._warmed.wait(timeout):
             raise TimeoutError(f"The warm-up did not end within {timeout} s")
         return self.slot_model.warmup_seconds or 0.0
@@ -428,7 +427,7 @@ class NativeEngine(Engine):
         try:
             with self.loaded.lock:
                 self.slot_model.warm_up()
-        except Exception:  # serving goes on uncompiled, on growable buffers
+        except Exception:  # serving goes on uncompiled
             logger.exception("The Baichuan2 engine's warm-up failed")
         finally:
             self._warmed.set()
@@ -814,10 +813,11 @@ class NativeEngine(Engine):
         keep = []
         cache = self.slot_model.cache
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if nan[i]:
+                cache.clear(row.slot)  # masked NaN keys would still poison the slot's next user
             if row.request.cancelled.is_set():
                 continue
             if nan[i]:
-                cache.clear(row.slot)  # masked NaN keys would still poison the slot's next user
                 row.request.send(
                     FloatingPointError(
                         "the model produced NaN logits for this request, so it was stopped "
@@ -845,7 +845,10 @@ class NativeEngine(Engine):
                 continue
             if row.request.params.reuse_prefix:
                 ids = row.ids[: row.length]
-                self.prefix_cache.store(ids, self.slot_model.read(row.slot, row.length))
+                try:
+                    self.prefix_cache.store(ids, self.slot_model.read(row.slot, row.length))
+                except torch.OutOfMemoryError:  # caching is optional; the answer is done
+                    logger.warning("No memory to keep this prompt's cache for reuse")
             row.request.send(row.summary())
         for i, row in enumerate(rows):
             if i not in keep:

@@ -163,8 +163,8 @@ def choose_tokens(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:
     """Pick each row's token; returns ``[3, B]``: tokens, nothing-allowed, overflowed.
 
     *Nothing allowed*: every logit of the row is -inf (grammar and arguments exclude
-    every token). *Overflowed*: a sampled row whose settings (say, a temperature of
-    1e-45) leave no valid probabilities. Both only concern their own row.
+    every token). *Overflowed*: a sampled row whose settings (say, a repetition
+    penalty of 1e-45) leave no valid probabilities. Both only concern their own row.
     """
     best, tokens = logits.max(dim=-1)
     excluded = ~(best > -math.inf)  # every logit -inf (or NaN)

@@ -103,7 +103,7 @@ class VllmEngine(Engine):
         self.folder = folder
         self.tokenizer = BaichuanTokenizer.from_pretrained(folder)
         self.generation_config = GenerationConfig.from_pretrained(folder)
-        self.context_length = config.model_max_length
+        self.context_length = config.context_length
         self.vocab_size = config.vocab_size
         self.eos_ids = eos_ids_of(self.generation_config)
         torch_dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
@@ -113,7 +113,7 @@ class VllmEngine(Engine):
             "dtype": str(torch_dtype).removeprefix("torch."),
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,
-            "max_model_len": config.model_max_length,
+            "max_model_len": config.context_length,
             "enable_prefix_caching": True,
             "trust_remote_code": False,
             **(vllm_kwargs or {}),
@@ -335,10 +335,11 @@ class VllmEngine(Engine):
         with self._state_lock:
             if self._closed:
                 return
-            # End the requests and stop reading vLLM's outputs first, so that vLLM's exit
-            # is not reported as an engine crash; then refuse new requests.
-            cancelled = asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop)
+            # Refuse new requests, then end the running ones and stop reading vLLM's
+            # outputs before vLLM exits (so its exit is not reported as a crash). Closed
+            # first: each cancelled request reads it to tell its caller why.
             self._closed = True
+            cancelled = asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop)
         try:
             cancelled.result(timeout=SHUTDOWN_SECONDS)
         finally:

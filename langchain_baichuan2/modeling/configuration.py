@@ -14,6 +14,8 @@ PositionEmbedding = Literal["rope", "alibi"]
 
 # The 7B release uses rotary positions with this fixed base; it has no key for it.
 ROPE_THETA = 10000.0
+# The vocabulary of both Baichuan-1 releases, whose head is not normalized.
+BAICHUAN1_VOCAB_SIZE = 64000
 
 
 @strict
@@ -85,6 +87,22 @@ class BaichuanConfig(PreTrainedConfig):
         if self.position_embedding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
             msg = "RoPE needs an even head dimension (hidden_size / num_attention_heads)"
             raise ValueError(msg)
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model takes: ``model_max_length``, within RoPE's positions."""
+        positions = self.max_position_embeddings
+        return min(self.model_max_length, positions or self.model_max_length)
+
+    @property
+    def norm_head(self) -> bool:
+        """Whether the head rows are L2-normalized (Baichuan2's NormHead).
+
+        Baichuan-1 (Baichuan-7B, Baichuan-13B: a vocabulary of 64,000 pieces) has the
+        same network with a plain head; any other vocabulary is Baichuan2's, fine-tunes
+        with added pieces included.
+        """
+        return self.vocab_size != BAICHUAN1_VOCAB_SIZE
 
     @property
     def head_dim(self) -> int:

@@ -386,7 +386,10 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> BaichuanForCausalLM:  # type: ignore[override]
-        """Load weights as transformers does, then normalize the head rows once."""
+        """Load weights as transformers does, then normalize the head rows once.
+
+        Baichuan-1 checkpoints (``config.norm_head`` False) keep their head as stored.
+        """
         folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if folder is not None and _is_legacy_4bit_folder(Path(folder)):
             msg = (
@@ -399,7 +402,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         result = super().from_pretrained(*args, **kwargs)
         # With output_loading_info=True transformers returns (model, info).
         model = result[0] if isinstance(result, tuple) else result
-        model.normalize_head()
+        if model.config.norm_head:
+            model.normalize_head()
         return result
 
     @torch.no_grad()

@@ -16,9 +16,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage, convert_to_messages
+from langchain_core.messages import BaseMessage, SystemMessage, convert_to_messages
 
 from langchain_baichuan2.prompt import Encoder, build_chat_prompt
+from langchain_baichuan2.tools import conversation_language, tools_system_text
 
 
 def _tool_call_arguments(arguments: Any, where: str) -> dict[str, Any]:
@@ -72,6 +73,7 @@ def chat_prompt_ids(
     encoder: Encoder,
     *,
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     user_token_id: int = 195,
     assistant_token_id: int = 196,
 ) -> list[int]:
@@ -85,6 +87,8 @@ def chat_prompt_ids(
             control-token strings stay text.
         add_generation_prompt: End with the assistant token (when the last message is
             not the assistant's, which the model then continues).
+        tools: OpenAI function tools the request offers: their protocol text opens the
+            prompt as a system message, as ``ChatBaichuan2.bind_tools`` writes it.
         user_token_id: The token that opens a user turn.
         assistant_token_id: The token that opens an assistant turn.
 
@@ -98,6 +102,9 @@ def chat_prompt_ids(
             conversation, a role or content block Baichuan2 cannot take).
     """
     converted = [_langchain_message(message, i) for i, message in enumerate(messages)]
+    if tools:
+        text = tools_system_text([dict(t) for t in tools], conversation_language(converted))
+        converted = [SystemMessage(text), *converted]
     prompt = build_chat_prompt(
         converted,
         encoder,

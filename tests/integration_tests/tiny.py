@@ -18,3 +18,23 @@ def tiny_chat_checkpoint(variant: str = "7b") -> Path:
 def picked_tokens(token: int, rows: int) -> torch.Tensor:
     """What ``NativeEngine._pick`` returns when every row picks ``token`` without failing."""
     return torch.tensor([[token] * rows, [0] * rows, [0] * rows])
+
+
+def padded_tokenizer(folder, pieces):
+    """A copy of ``folder``'s tokenizer.model grown to ``pieces`` with unused pieces.
+
+    Unused pieces never come out of encoding, so the text ids stay the same.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString((folder / "tokenizer.model").read_bytes())
+    for n in range(pieces - len(model.pieces)):
+        model.pieces.add(
+            piece=f"<unused_{n}>",
+            score=-1e9,
+            type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED,
+        )
+    path = folder / "tokenizer_padded.model"
+    path.write_bytes(model.SerializeToString())
+    return path

@@ -92,6 +92,29 @@ def test_renderer_ids_equal_chat_baichuan2s_default_prompt(tokenizer, name):
     assert ids == expected.input_ids
 
 
+def test_offered_tools_open_the_prompt_as_chat_baichuan2_bind_tools_does(tokenizer):
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+    from pydantic import BaseModel
+
+    from langchain_baichuan2 import ChatBaichuan2
+
+    class GetWeather(BaseModel):
+        """Get the weather of a city."""
+
+        city: str
+
+    messages = [HumanMessage("北京天气如何？<reserved_106>")]
+    tool = convert_to_openai_tool(GetWeather)
+    # What ChatBaichuan2.bind_tools([GetWeather]) sends: its own message rewriting.
+    llm = ChatBaichuan2(model="unused")
+    bound_messages, _, _ = llm._constrain(messages, {"tools": [tool]})
+    encoder = literal_text_encoder(tokenizer)
+    expected = build_chat_prompt(bound_messages, encoder, model_max_length=4096, max_new_tokens=1)
+    ids = chat_prompt_ids(convert_to_openai_messages(messages), encoder, tools=[tool])
+    assert ids == expected.input_ids
+    assert ids[0] != 195  # the tools' text comes first, as system text
+
+
 def test_renderer_takes_tool_arguments_as_objects_too(tokenizer):
     encoder = literal_text_encoder(tokenizer)
     messages = CONVERSATIONS["tools"]

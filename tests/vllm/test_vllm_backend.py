@@ -192,6 +192,7 @@ def test_min_new_tokens_is_honoured(pair):
     assert a.usage_metadata["output_tokens"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "split, checkpoint",
     [
@@ -219,6 +220,7 @@ def test_two_way_parallel_gives_the_same_tokens(
         parallel.unload()  # frees its two workers (the README test reuses the TP engine)
 
 
+@pytest.mark.slow
 def test_vllm_offline_llm_loads_the_folder_and_matches_transformers_generate(vllm_folders):
     import torch
     from vllm import LLM

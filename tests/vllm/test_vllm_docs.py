@@ -29,6 +29,7 @@ def test_the_readme_has_vllm_blocks():
     assert len(vllm_engine_blocks()) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", [line for line, _ in vllm_engine_blocks()])
 def test_readme_vllm_block_runs(line, vllm_folders, monkeypatch, cpu_threads_for_two_ranks):
     code = dict(vllm_engine_blocks())[line]

@@ -77,6 +77,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_vllm_starts(tm
     assert vllm_processes() == before  # vLLM never started
 
 
+@pytest.mark.slow
 def test_an_engine_death_is_reported_and_the_next_call_starts_a_new_engine(vllm_folders):
     folder = vllm_folders["7b"]
     native = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=24, dtype="float32")
@@ -158,8 +159,11 @@ def test_starts_and_shutdowns_of_one_engine_never_overlap(vllm_folders, monkeypa
     callers = [threading.Thread(target=caller) for _ in range(3)]
     for thread in callers:
         thread.start()
+    while not got:  # the callers are running
+        time.sleep(0.001)
     for _ in range(100):
         vllm_engines.shutdown_vllm_engine(name, **settings)
+        time.sleep(0.002)  # room for a caller to start the next engine
     done.set()
     for thread in callers:
         thread.join()
@@ -170,6 +174,7 @@ def test_starts_and_shutdowns_of_one_engine_never_overlap(vllm_folders, monkeypa
     assert FakeEngine.live == 0 and all(e.closed for e in FakeEngine.made)  # no orphan
 
 
+@pytest.mark.slow
 def test_unloading_while_threads_call_leaves_no_engine_behind(vllm_folders):
     folder = vllm_folders["7b"]
     native = ChatBaichuan2(model=str(folder), temperature=0, max_tokens=8, dtype="float32")
@@ -208,6 +213,7 @@ def test_unloading_while_threads_call_leaves_no_engine_behind(vllm_folders):
     assert engine_threads() <= threads
 
 
+@pytest.mark.slow
 def test_unload_then_exit_prints_no_shutdown_noise(vllm_folders, tmp_path):
     # A user who kept the engine (or an exception that holds it) until the interpreter
     # exits: vLLM's AsyncLLM.__del__ ran at exit and failed ("Exception ignored in").

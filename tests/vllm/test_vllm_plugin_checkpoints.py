@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from langchain_baichuan2.loading import CheckpointError
 from langchain_baichuan2.modeling import BaichuanConfig, BaichuanForCausalLM
 from langchain_baichuan2.testing import make_tiny_checkpoint
+from tests.integration_tests.tiny import padded_tokenizer
 from tests.vllm.conftest import VLLM_KWARGS
 
 PROMPT = [195, 300, 301, 302, 303, 196]
@@ -49,26 +50,6 @@ def vllm_greedy(folder, prompt, steps):
         llm.llm_engine.engine_core.shutdown()
 
 
-def padded_tokenizer(folder, pieces):
-    """A copy of ``folder``'s tokenizer.model grown to ``pieces`` with unused pieces.
-
-    Unused pieces never come out of encoding, so the text ids stay the same.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString((folder / "tokenizer.model").read_bytes())
-    for n in range(pieces - len(model.pieces)):
-        model.pieces.add(
-            piece=f"<unused_{n}>",
-            score=-1e9,
-            type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED,
-        )
-    path = folder / "tokenizer_padded.model"
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 @pytest.fixture(scope="module")
 def baichuan1_7b(tmp_path_factory):
     """A tiny Baichuan-7B (Baichuan-1): RoPE, its architecture spelling, vocab 64,000."""
@@ -88,6 +69,7 @@ def baichuan1_7b(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_baichuan1_loads_with_its_head_as_stored(baichuan1_7b):
     expected = native_greedy(baichuan1_7b, PROMPT, 12, norm_head=False)
     # The test means something: Baichuan2's NormHead would pick other tokens here.
