@@ -766,7 +766,7 @@ class NativeEngine(Engine):
                     torch.cuda.synchronize(logits.device)
                 row.prompt_seconds = time.perf_counter() - start
                 if reuse:
-                    self.prefix_cache.store(prompt, slots.read(row.slot, len(prompt)))
+                    self._keep_for_reuse(prompt, row.slot)
             except BaseException:
                 slots.cache.release(row.slot)
                 raise
@@ -774,6 +774,16 @@ class NativeEngine(Engine):
         row.cached_tokens = reused
         row.started = time.perf_counter()
         return row, logits
+
+    def _keep_for_reuse(self, ids: list[int], slot: int) -> None:
+        """Store the KV of ``ids`` (held in ``slot``) in the prefix cache, if memory allows.
+
+        Reuse is an optimization: out of memory here costs the cache entry, not a request.
+        """
+        try:
+            self.prefix_cache.store(ids, self.slot_model.read(slot, len(ids)))
+        except torch.OutOfMemoryError:
+            logger.warning("No memory to keep a prompt's key/value cache for reuse")
 
     def _mask_row(self, row: _Row, logits: torch.Tensor) -> None:
         """Apply a row's own restrictions (min_new_tokens, processors, grammar) in place."""
@@ -844,11 +854,7 @@ class NativeEngine(Engine):
                 keep.append(i)
                 continue
             if row.request.params.reuse_prefix:
-                ids = row.ids[: row.length]
-                try:
-                    self.prefix_cache.store(ids, self.slot_model.read(row.slot, row.length))
-                except torch.OutOfMemoryError:  # caching is optional; the answer is done
-                    logger.warning("No memory to keep this prompt's cache for reuse")
+                self._keep_for_reuse(row.ids[: row.length], row.slot)
             row.request.send(row.summary())
         for i, row in enumerate(rows):
             if i not in keep:

@@ -263,3 +263,42 @@ def test_chat_model_budget_reaches_the_engine_and_refuses_what_cannot_fit(tiny_1
     llm.unload()
     with pytest.raises(ValueError, match="only apply to backend='native'"):
         ChatBaichuan2(model=str(tiny_13b), backend="vllm", kv_cache_bytes=1 << 20)
+
+
+def test_warming_up_a_stopped_engine_raises_instead_of_waiting_forever(loaded):
+    from langchain_baichuan2.engines.base import EngineStoppedError
+
+    engine = NativeEngine(loaded)
+    engine.shutdown()
+    with pytest.raises(EngineStoppedError, match="shut down"):
+        engine.warm_up(timeout=5)
+
+
+def test_no_memory_for_the_prefix_cache_fails_nothing(loaded, monkeypatch):
+    engine = NativeEngine(loaded)
+    try:
+        ids = prompt(12)
+        expected = merge_chunks(engine.stream(ids, params(6, forced=6))).token_ids
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("simulated")
+
+        monkeypatch.setattr(engine.prefix_cache, "store", out_of_memory)
+        other = prompt(14, start=40)
+        assert merge_chunks(engine.stream(other, params(6, forced=6))).token_ids == generated(
+            loaded, other, 6, forced=6
+        )
+        monkeypatch.undo()
+        assert merge_chunks(engine.stream(ids, params(6, forced=6))).token_ids == expected
+    finally:
+        engine.shutdown()
+
+
+def test_the_context_is_model_max_length_within_the_rope_positions():
+    from langchain_baichuan2.modeling import BaichuanConfig
+
+    rope = BaichuanConfig(model_max_length=8192, max_position_embeddings=4096)
+    assert rope.context_length == 4096
+    short = BaichuanConfig(model_max_length=2048, max_position_embeddings=4096)
+    assert short.context_length == 2048
+    assert BaichuanConfig(model_max_length=8192).context_length == 8192  # ALiBi: no positions
