@@ -427,7 +427,7 @@ class ChatBaichuan2(BaseChatModel):
     request reserves room for ``min(prompt + max_tokens, context)`` tokens when it
     starts; requests beyond the budget wait until a running one ends. None (default):
     90% of the GPU memory free after loading, less a prefill workspace; a quarter of
-    the RAM on a CPU. Applies when the model's engine is created (its first call)."""
+    the memory available on a CPU. Applies when the model's engine is created (its first call)."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)
     """``backend="vllm"``: GPUs each layer is split across. Default 1."""

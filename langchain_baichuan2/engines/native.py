@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,9 +108,7 @@ def default_kv_cache_bytes(cache: SlotCache, config: Any, context: int) -> int:
     torch's cached free blocks), less a prefill workspace, for that device's share of
     the layers. On a CPU: a quarter of the memory available after loading.
     """
-    layers: dict[torch.device, int] = {}
-    for device in cache.devices:
-        layers[device] = layers.get(device, 0) + 1
+    layers = Counter(cache.devices)
     per_layer_position = cache.position_bytes // len(cache.devices)
     positions = []
     for device, count in layers.items():
@@ -313,7 +311,7 @@ class NativeEngine(Engine):
         kv_cache_bytes: Memory the key/value buffers of running requests may take;
             requests beyond it wait for a running one to end. None: 90% of the GPU
             memory free after loading, less a prefill workspace (see
-            ``default_kv_cache_bytes``); a quarter of the RAM on a CPU.
+            ``default_kv_cache_bytes``); a quarter of the memory available on a CPU.
         max_rows: Most requests decoding at once.
 
     Attributes:
