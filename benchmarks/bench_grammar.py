@@ -15,9 +15,10 @@ from common import REAL_TOKENIZER, bench_checkpoint, model_arguments
 from langchain_core.messages import HumanMessage
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engines.base import Constraint, merge_chunks
+from langchain_baichuan2.engines.base import merge_chunks
 from langchain_baichuan2.grammar import GrammarCompiler
-from langchain_baichuan2.tools import format_tools
+from langchain_baichuan2.prompt import eos_token_ids
+from langchain_baichuan2.tools import Constraint, format_tools
 
 
 def get_weather(city: str, unit: str = "celsius") -> str:
@@ -56,7 +57,8 @@ def main() -> None:
     tools = format_tools([get_weather, search, book_flight])
 
     start = time.perf_counter()
-    compiler = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size)
+    eos = eos_token_ids(loaded.generation_config, loaded.tokenizer)
+    compiler = GrammarCompiler(loaded.tokenizer, loaded.model.config.vocab_size, eos)
     info_s = time.perf_counter() - start
     start = time.perf_counter()
     forced = Constraint("tools", tools=tuple(tools), choice="required")

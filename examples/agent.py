@@ -74,27 +74,48 @@ def build_agent(llm: ChatBaichuan2):
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="baichuan-inc/Baichuan2-13B-Chat")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with a help text for every option."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--question", default="What is (3 + 4) * 12, and how many days until 2030-01-01?"
+        "--model",
+        default="baichuan-inc/Baichuan2-13B-Chat",
+        help="a local model folder or a model id (default: %(default)s)",
     )
-    parser.add_argument("--demo", action="store_true", help="use a tiny random checkpoint")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--question",
+        default="What is (3 + 4) * 12, and how many days until 2030-01-01?",
+        help="what to ask the agent (default: an arithmetic and a date question)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run offline on a tiny random checkpoint in a temporary folder, removed "
+        "afterwards (its choices and text are random); --model is then ignored",
+    )
+    return parser
 
-    model = args.model
-    if args.demo:
-        from langchain_baichuan2.testing import make_tiny_checkpoint
 
-        model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="baichuan2-agent-")))
-        print("(demo: random weights, so the agent's choices and text are random)")
+def run(model: str, question: str) -> None:
+    """Ask the agent ``question`` and print every message of its run."""
     llm = ChatBaichuan2(model=model, temperature=0, max_tokens=128, grammar_max_length=24)
     agent = build_agent(llm)
-    state = agent.invoke({"messages": [("human", args.question)]}, config={"recursion_limit": 8})
+    state = agent.invoke({"messages": [("human", question)]}, config={"recursion_limit": 8})
     for message in state["messages"]:
         calls = getattr(message, "tool_calls", None)
         print(f"[{message.type}] {message.content!r}" + (f" tool_calls={calls}" if calls else ""))
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if not args.demo:
+        run(args.model, args.question)
+        return
+    from langchain_baichuan2.testing import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="baichuan2-demo-") as folder:
+        print("(demo: random weights, so the agent's choices and text are random)")
+        run(str(make_tiny_checkpoint(folder)), args.question)
 
 
 if __name__ == "__main__":

@@ -154,22 +154,37 @@ def build_chain(retriever: BaseRetriever, llm: BaseChatModel) -> Runnable[str, s
     )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with a help text for every option."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="baichuan-inc/Baichuan2-7B-Chat")
-    parser.add_argument("--quantization", choices=["4bit", "8bit"], default=None)
-    parser.add_argument("--question", default=QUESTION)
-    parser.add_argument("--k", type=int, default=3, help="documents to retrieve")
-    parser.add_argument("--demo", action="store_true", help="use a tiny random checkpoint")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--model",
+        default="baichuan-inc/Baichuan2-7B-Chat",
+        help="a local model folder or a model id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["4bit", "8bit"],
+        default=None,
+        help="quantize the weights at load with bitsandbytes (default: none)",
+    )
+    parser.add_argument("--question", default=QUESTION, help="what to ask (default: %(default)s)")
+    parser.add_argument(
+        "--k", type=int, default=3, help="documents to retrieve (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run offline on a tiny random checkpoint in a temporary folder, removed "
+        "afterwards (retrieval ranks and the answer are random); --model is then ignored",
+    )
+    return parser
 
-    model, max_tokens, extra = args.model, 512, {}
-    if args.demo:
-        from langchain_baichuan2.testing import make_tiny_checkpoint
 
-        model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="baichuan2-")))
-        max_tokens, extra = 48, {"min_new_tokens": 1}
-        print("(demo: random weights, so retrieval ranks and the answer are random text)")
+def run(args: argparse.Namespace, model: str, demo: bool = False) -> None:
+    """Index the bundled documents, retrieve for the question, stream the answer."""
+    # The random demo model rarely ends on its own and may end at once: bound it both ways.
+    max_tokens, extra = (48, {"min_new_tokens": 1}) if demo else (512, {})
     llm = ChatBaichuan2(
         model=model,
         quantization=args.quantization,
@@ -188,6 +203,18 @@ def main() -> None:
     for piece in build_chain(retriever, llm).stream(args.question):
         print(piece, end="", flush=True)
     print()
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if not args.demo:
+        run(args, args.model)
+        return
+    from langchain_baichuan2.testing import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="baichuan2-demo-") as folder:
+        print("(demo: random weights, so retrieval ranks and the answer are random text)")
+        run(args, str(make_tiny_checkpoint(folder)), demo=True)
 
 
 if __name__ == "__main__":

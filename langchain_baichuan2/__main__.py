@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir",
         type=Path,
         default=None,
-        help="write the checkpoint into this folder and keep it, e.g. for `baichuan2 chat "
-        "--model DIR` (default: a temporary folder, removed afterwards)",
+        help="write the checkpoint into this new or empty folder and keep it, e.g. for "
+        "`baichuan2 chat --model DIR` (default: a temporary folder, removed afterwards)",
     )
     return parser
 
@@ -175,6 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
+            if args.dir is not None and _occupied(args.dir):
+                print(
+                    f"error: --dir {str(args.dir)!r} exists and is not an empty folder; "
+                    "give the demo a new or empty folder to write its checkpoint into",
+                    file=sys.stderr,
+                )
+                return 1
             run_demo(args.dir, args.variant)
             return 0
         llm = _load(args)
@@ -185,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     run_chat(llm)
     return 0
+
+
+def _occupied(folder: Path) -> bool:
+    """Whether ``folder`` is a file or a folder with something in it."""
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
 def _load(args: argparse.Namespace) -> ChatBaichuan2 | None:

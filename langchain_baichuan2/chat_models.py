@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Literal, cast
 
-import torch
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LangSmithParams, LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import (
-    InvalidToolCall,
-    ToolCallChunk,
-    invalid_tool_call,
-    tool_call_chunk,
-)
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import (
     Runnable,
     RunnableConfig,
@@ -47,69 +34,26 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from transformers import BitsAndBytesConfig
 
+from langchain_baichuan2 import engines
 from langchain_baichuan2.arguments import reject_unknown_arguments
-from langchain_baichuan2.engines import native
-from langchain_baichuan2.engines import vllm as vllm_engines
-from langchain_baichuan2.engines.base import (
-    Constraint,
-    Engine,
-    EngineStoppedError,
-    GenerationChunk,
-    SamplingParams,
-    check_extra_values,
-    check_sampling_values,
-    check_stops,
+from langchain_baichuan2.chat_output import (
+    Call,
+    ChunkConverter,
+    chat_result,
+    require_a_valid_call,
 )
+from langchain_baichuan2.engines import settings
 from langchain_baichuan2.grammar import bound_lengths
-from langchain_baichuan2.loading import (
-    LoadedModel,
-    ModelUnloadedError,
-    load_settings,
-    load_tokenizer,
-    registry,
-)
-from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt, literal_text_encoder
+from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.prompt import literal_text_encoder, render
 from langchain_baichuan2.tools import (
-    ToolCallTextFilter,
-    conversation_language,
+    Constraint,
+    ToolChoice,
     format_tools,
-    json_system_text,
     normalize_tool_choice,
-    parse_tool_calls,
-    tools_system_text,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _usage(final: GenerationChunk) -> UsageMetadata:
-    """Token counts of one call, measured from the ids (``cache_read``: reused prefix)."""
-    return UsageMetadata(
-        input_tokens=final.prompt_tokens,
-        output_tokens=final.completion_tokens,
-        total_tokens=final.prompt_tokens + final.completion_tokens,
-        input_token_details={"cache_read": final.cached_prompt_tokens},
-    )
-
-
-def _response_metadata(final: GenerationChunk, model_name: str, prompt: ChatPrompt) -> dict:
-    """Finish reason, timings and truncation facts of one call."""
-    seconds = final.generation_seconds
-    return {
-        "model_name": model_name,
-        "model_provider": "baichuan2",
-        "finish_reason": final.finish_reason,
-        "prompt_seconds": final.prompt_seconds,
-        "generation_seconds": seconds,
-        # Only the tokens actually prefilled: a reused prefix took no time.
-        "prompt_tokens_per_second": (final.prompt_tokens - final.cached_prompt_tokens)
-        / final.prompt_seconds
-        if final.prompt_seconds
-        else None,
-        "tokens_per_second": final.completion_tokens / seconds if seconds else None,
-        "dropped_rounds": prompt.dropped_rounds,
-        "prompt_truncated": prompt.truncated,
-    }
 
 
 # Per-call arguments `_prepare` understands (``invoke(..., temperature=0.5)``); the
@@ -129,102 +73,6 @@ _CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
     "model_kwargs",
     "timeout",
 }
-
-
-@dataclass
-class _Call:
-    """Everything one call resolved before generating."""
-
-    engine: Engine
-    prompt: ChatPrompt
-    params: SamplingParams
-    model_name: str
-    parse_tools: bool
-
-
-def _require_a_valid_call(message: AIMessage) -> AIMessage:
-    """Pass ``message`` on if it holds a tool call; raise naming why the call failed."""
-    if not message.tool_calls and message.invalid_tool_calls:
-        msg = f"The tool call is invalid: {message.invalid_tool_calls[0].get('error')}"
-        raise OutputParserException(msg, llm_output=str(message.invalid_tool_calls[0]["args"]))
-    return message
-
-
-class _ChunkConverter:
-    """Turns one call's engine chunks into LangChain chunks.
-
-    With tools bound, tool-call markup is kept out of the content and the calls are
-    parsed at the end into ``tool_call_chunks`` (finish reason ``"tool_calls"``).
-    """
-
-    def __init__(self, call: _Call) -> None:
-        self.call = call
-        self.text_filter = ToolCallTextFilter() if call.parse_tools else None
-        self.raw: list[str] = []
-
-    def convert(self, piece: GenerationChunk) -> ChatGenerationChunk | None:
-        """The LangChain chunk for ``piece``, or None when it has nothing to show yet."""
-        tool_chunks: list[ToolCallChunk] = []
-        invalid: list[InvalidToolCall] = []
-        if self.text_filter is not None:
-            self.raw.append(piece.text)
-            piece.text = self.text_filter.push(piece.text)
-            if piece.finish_reason is None and not piece.text:
-                return None
-            if piece.finish_reason is not None:
-                held = self.text_filter.flush()
-                tool_chunks, invalid = self._tool_call_chunks()
-                if not self._forced_call_cut_short(tool_chunks, invalid):
-                    piece.text += held
-                else:  # the start of a forced call: the output is nothing but that call
-                    invalid = [self._cut_call(piece.finish_reason)]
-                if tool_chunks:
-                    piece.finish_reason = "tool_calls"
-        if piece.finish_reason is None:
-            return ChatGenerationChunk(message=AIMessageChunk(content=piece.text))
-        # Unparsable calls go straight to invalid_tool_calls: as chunks, partial-JSON
-        # repair would turn them into (wrong) valid calls.
-        return ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=piece.text,
-                tool_call_chunks=tool_chunks,
-                invalid_tool_calls=invalid,
-                usage_metadata=_usage(piece),
-                response_metadata=_response_metadata(piece, self.call.model_name, self.call.prompt),
-                chunk_position="last",
-            ),
-            generation_info={"finish_reason": piece.finish_reason},
-        )
-
-    def _forced_call_cut_short(
-        self, calls: list[ToolCallChunk], invalid: list[InvalidToolCall]
-    ) -> bool:
-        """Whether a forced call ended before even its ``<tool_call>`` was complete."""
-        constraint = self.call.params.constraint
-        forced = (
-            constraint is not None and constraint.kind == "tools" and constraint.choice != "auto"
-        )
-        return forced and not calls and not invalid
-
-    def _cut_call(self, finish: str) -> InvalidToolCall:
-        """The unfinished start of a forced call, as an invalid call saying why."""
-        return invalid_tool_call(
-            name=None,
-            args="".join(self.raw),
-            id=f"call_{uuid.uuid4().hex[:24]}",
-            error=f"the forced tool call was cut off before it began (finish_reason={finish!r})",
-        )
-
-    def _tool_call_chunks(self) -> tuple[list[ToolCallChunk], list[InvalidToolCall]]:
-        """Parse the whole output into valid calls (as chunks) and invalid ones."""
-        parsed = parse_tool_calls("".join(self.raw))
-        chunks = [
-            tool_call_chunk(
-                name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], index=i
-            )
-            for i, c in enumerate(parsed.tool_calls)
-        ]
-        return chunks, parsed.invalid_tool_calls
 
 
 class ChatBaichuan2(BaseChatModel):
@@ -448,8 +296,9 @@ class ChatBaichuan2(BaseChatModel):
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
 
     timeout: float | None = None
-    """Seconds a call may take in all (waiting, prompt and answer); past it the call is
-    stopped, its batch row freed, and ``TimeoutError`` raised. Default None: no limit."""
+    """Seconds a call may take in all (waiting, prompt and answer, and every retry of
+    ``max_retries`` together: a retry gets what is left); past it the call is stopped,
+    its batch row freed, and ``TimeoutError`` raised. Default None: no limit."""
 
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Accepted so that settings shared with hosted chat models work unchanged; a model
@@ -463,37 +312,24 @@ class ChatBaichuan2(BaseChatModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _check_argument_names(cls, values: Any) -> Any:
-        return reject_unknown_arguments(cls, values)
+    def _check_arguments(cls, values: Any) -> Any:
+        """Names, then values by the same rule as per-call arguments (``None``: not set)."""
+        values = reject_unknown_arguments(cls, values)
+        if isinstance(values, dict):
+            try:
+                settings.check_values(values)
+            except TypeError as e:  # pydantic reports ValueErrors, naming the field
+                raise ValueError(str(e)) from e
+            if "model_kwargs" in values and values["model_kwargs"] is None:
+                values = {**values, "model_kwargs": {}}
+        return values
 
     @model_validator(mode="after")
-    def _check_sampling(self) -> ChatBaichuan2:
-        check_sampling_values(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_tokens,
-            seed=self.seed,
-            timeout=self.timeout,
-        )
-        check_stops(self.stop or [])
-        check_extra_values(tuple(self.model_kwargs.items()), self.max_tokens)
-        backend = self._resolved_backend()
-        wrong = self._vllm_settings() if backend == "native" else self._native_settings()
-        if wrong:
-            other = "vllm" if backend == "native" else "native"
-            msg = (
-                f"{', '.join(wrong)} only apply to backend='{other}', but this model runs on "
-                f"backend='{backend}'"
-                + ("" if backend == "native" else "; pass vLLM's own settings in vllm_kwargs")
-            )
-            raise ValueError(msg)
-        extra = tuple(self.model_kwargs.items())
-        if backend == "vllm":
-            vllm_engines.check_extra_arguments(extra)
-        else:
-            native.check_extra_arguments(extra)
+    def _check_backend(self) -> ChatBaichuan2:
+        """Refuse what the backend cannot honour now, before it is ever started."""
+        spec = self._spec()
+        spec.check()
+        spec.limits.check(self.temperature, self.model_kwargs.items())
         return self
 
     # -- LangChain identity ---------------------------------------------------------
@@ -543,46 +379,28 @@ class ChatBaichuan2(BaseChatModel):
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         if max_tokens is not None:
             params["ls_max_tokens"] = max_tokens
-        stops = self._stops(stop)
+        stops = settings.merge(self._settings(), {"stop": stop})["stop"]
         if stops:
             params["ls_stop"] = list(stops)
         return params
 
     # -- the model behind it --------------------------------------------------------
 
+    def _spec(self, model: str | None = None) -> engines.EngineSpec:
+        """What picks this object's engine (``model``: a per-call model name)."""
+        return engines.EngineSpec.of(self, model)
+
+    def _settings(self) -> dict[str, Any]:
+        """This object's sampling fields, by their names in ``settings.SETTING_NAMES``."""
+        return {name: getattr(self, name) for name in settings.SETTING_NAMES}
+
     def loaded_model(self, model: str | None = None) -> LoadedModel:
         """Return the shared loaded model of the native backend (loading it on first use)."""
-        return registry.get(
-            model or self.model, show_progress=self.show_progress, **load_settings(self)
-        )
+        return engines.loaded_model(self._spec(model))
 
-    def _vllm_settings(self) -> list[str]:
-        """The vLLM-only settings this object sets."""
-        return [
-            name
-            for name, is_set in (
-                ("tensor_parallel_size", self.tensor_parallel_size != 1),
-                ("pipeline_parallel_size", self.pipeline_parallel_size != 1),
-                ("vllm_kwargs", bool(self.vllm_kwargs)),
-            )
-            if is_set
-        ]
-
-    def _native_settings(self) -> list[str]:
-        """The native-only settings this object sets."""
-        names = ("quantization", "device_map", "compile", "kv_cache_bytes")
-        return [name for name in names if getattr(self, name) is not None]
-
-    def _resolved_backend(self) -> Literal["native", "vllm"]:
-        """The backend that runs this object's calls (see ``backend``)."""
-        if self.backend != "auto":
-            return self.backend
-        if self._vllm_settings():
-            return "vllm"
-        if self._native_settings() or set(self.model_kwargs) - set(vllm_engines.EXTRA_ARGUMENTS):
-            return "native"
-        usable = torch.cuda.is_available() and vllm_engines.vllm_available()
-        return "vllm" if usable else "native"
+    def engine(self, model: str | None = None) -> engines.Engine:
+        """Return the shared engine that runs this object's calls (started on first use)."""
+        return engines.open(self._spec(model))
 
     def unload(self) -> bool:
         """Free the model this object runs on (its engine stops; memory is released).
@@ -590,62 +408,13 @@ class ChatBaichuan2(BaseChatModel):
         Every object sharing the model loses it too; the next call loads it again.
         Returns whether anything was loaded. (Ollama's ``keep_alive=0``, done by hand.)
         """
-        if self._resolved_backend() == "native":
-            return registry.unload(self.model, **load_settings(self))
-        return vllm_engines.shutdown_vllm_engine(self.model, **self._vllm_settings_values())
-
-    def _vllm_settings_values(self) -> dict[str, Any]:
-        return {
-            "revision": self.revision,
-            "source": self.source,
-            "dtype": self.dtype,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "pipeline_parallel_size": self.pipeline_parallel_size,
-            "vllm_kwargs": self.vllm_kwargs,
-        }
-
-    def engine(self, model: str | None = None) -> Engine:
-        """Return the shared engine that runs this object's calls (started on first use)."""
-        if self._resolved_backend() == "vllm":
-            try:
-                return vllm_engines.vllm_engine_for(
-                    model or self.model, **self._vllm_settings_values()
-                )
-            except vllm_engines.NativeOnlyCheckpoint:
-                if self.backend != "auto" or self._vllm_settings():
-                    raise
-        while True:
-            try:
-                loaded = self.loaded_model(model)
-                engine = native.engine_for(loaded, self.compile, self.kv_cache_bytes)
-                break
-            except ModelUnloadedError:
-                continue  # unloaded between the lookup and the start: load it again
-        if self.compile is not None:
-            engine.set_compile(self.compile)
-        return engine
-
-    def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
-        """Construction-time stops plus per-call stops, without duplicates."""
-        if isinstance(stop, str):
-            msg = f"stop must be a list of strings, got the string {stop!r}; use [{stop!r}]"
-            raise TypeError(msg)
-        check_stops(stop or [])
-        stops = [*(self.stop or []), *(stop or [])]
-        return tuple(dict.fromkeys(stops))
+        return engines.release(self._spec())
 
     # -- counting tokens ------------------------------------------------------------
 
-    def _tokenizer(self) -> Any:
-        """The checkpoint's tokenizer: the loaded model's, else read alone from its folder."""
-        loaded = registry.peek(self.model, **load_settings(self))
-        if loaded is not None:
-            return loaded.tokenizer
-        return load_tokenizer(self.model, revision=self.revision, source=self.source)
-
     def get_token_ids(self, text: str) -> list[int]:
         """Return the Baichuan2 token ids of ``text`` as message text is encoded."""
-        tokenizer = self._tokenizer()
+        tokenizer, _ = engines.tokenizer_and_defaults(self._spec())
         encoder = tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer)
         return list(encoder.encode(text, add_special_tokens=False))
 
@@ -661,21 +430,14 @@ class ChatBaichuan2(BaseChatModel):
         token), with the checkpoint's tokenizer. The weights are not loaded for this
         (a model id is downloaded first, as any call would).
         """
-        tokenizer = self._tokenizer()
-        extra = {"tools": format_tools(tools)} if tools else {}
-        messages, _, _ = self._constrain(messages, extra)
-        prompt = build_chat_prompt(
-            messages,
-            tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer),
-            model_max_length=sys.maxsize,
-            max_new_tokens=1,
-        )
-        return len(prompt.input_ids)
+        tokenizer, defaults = engines.tokenizer_and_defaults(self._spec())
+        encoder = tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer)
+        return len(render(messages, encoder, defaults, tools=format_tools(tools or [])).input_ids)
 
-    def _prepare(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _Call:
-        """Resolve the model, the prompt ids and the sampling settings of one call."""
+    def _call_settings(
+        self, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[engines.EngineSpec, dict[str, Any]]:
+        """Check a call's arguments (nothing is loaded or started); its spec and settings."""
         unknown = sorted(set(kwargs) - _CALL_ARGUMENTS)
         if unknown:
             msg = (
@@ -683,118 +445,64 @@ class ChatBaichuan2(BaseChatModel):
                 f"{', '.join(sorted(_CALL_ARGUMENTS - _INTERNAL_ARGUMENTS))}"
             )
             raise ValueError(msg)
-        # Values that need no checkpoint are checked before anything is loaded.
-        check_extra_values(
-            tuple({**self.model_kwargs, **kwargs.get("model_kwargs", {})}.items()),
-            kwargs.get("max_tokens") or self.max_tokens,
-        )
-        check_sampling_values(
-            **{
-                name: kwargs[key]
-                for name, key in (
-                    ("temperature", "temperature"),
-                    ("top_p", "top_p"),
-                    ("top_k", "top_k"),
-                    ("repetition_penalty", "repetition_penalty"),
-                    ("max_new_tokens", "max_tokens"),
-                    ("seed", "seed"),
-                    ("timeout", "timeout"),
-                )
-                if kwargs.get(key) is not None
-            }
-        )
-        model_name = kwargs.get("model") or self.model
-        engine = self.engine(model_name)
-        defaults = engine.generation_config
+        spec = self._spec(kwargs.get("model"))
+        values = settings.merge(self._settings(), {**kwargs, "stop": stop})
+        settings.check(values, spec.limits)
+        return spec, values
 
-        def pick(name: str, default: Any) -> Any:
-            """The per-call value, else the field, else the checkpoint's default."""
-            for value in (kwargs.get(name), getattr(self, name)):
-                if value is not None:
-                    return value
-            return default
-
-        do_sample = bool(getattr(defaults, "do_sample", False))
-        sampling = {
-            "temperature": pick("temperature", defaults.temperature if do_sample else 0.0),
-            "top_p": pick("top_p", (defaults.top_p or 1.0) if do_sample else 1.0),
-            "top_k": pick("top_k", (defaults.top_k or 0) if do_sample else 0),
-            "repetition_penalty": pick("repetition_penalty", defaults.repetition_penalty or 1.0),
-            "max_new_tokens": pick("max_tokens", defaults.max_new_tokens or 2048),
-        }
-        check_sampling_values(**sampling)  # on the values as given, before any conversion
-        seed = pick("seed", None)  # checked by SamplingParams, unconverted
-        messages, constraint, parse_tools = self._constrain(messages, kwargs)
-        extra = {**self.model_kwargs, **kwargs.get("model_kwargs", {})}
-        params = SamplingParams(
-            max_new_tokens=int(sampling["max_new_tokens"]),
-            temperature=float(sampling["temperature"]),
-            top_p=float(sampling["top_p"]),
-            top_k=int(sampling["top_k"]),
-            repetition_penalty=float(sampling["repetition_penalty"]),
-            seed=seed,
-            stop=self._stops(stop),
-            extra=tuple(extra.items()),
-            constraint=constraint,
-            reuse_prefix=self.prefix_cache_tokens > 0,
-            timeout=pick("timeout", None),
-        )
-        context = pick("model_max_length", engine.context_length)
-        tokenizer = engine.tokenizer
-        prompt = build_chat_prompt(
-            messages,
-            tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer),
-            model_max_length=int(context),
-            max_new_tokens=params.max_new_tokens,
-            user_token_id=getattr(defaults, "user_token_id", 195),
-            assistant_token_id=getattr(defaults, "assistant_token_id", 196),
-        )
-        if prompt.truncated:
-            logger.warning(
-                "The prompt was cut on the left to fit model_max_length - max_tokens = %d tokens",
-                int(context) - params.max_new_tokens,
-            )
-        engine.set_prefix_cache_tokens(self.prefix_cache_tokens)
-        return _Call(engine, prompt, params, model_name, parse_tools)
-
-    def _constrain(
-        self, messages: list[BaseMessage], kwargs: dict[str, Any]
-    ) -> tuple[list[BaseMessage], Constraint | None, bool]:
-        """Apply bound tools / a response format: system text, constraint, parsing.
-
-        Returns the messages (with the protocol's system text first), the constraint
-        on the output or None, and whether the output is parsed for tool calls.
-        """
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Call:
+        """Resolve the model, the prompt ids and the sampling settings of one call."""
+        spec, values = self._call_settings(stop, kwargs)
+        engine = engines.open(spec)
         tools = kwargs.get("tools") or []
         choice = normalize_tool_choice(
             kwargs.get("tool_choice"), [t["function"]["name"] for t in tools]
         )
-        response_format = kwargs.get("response_format")
-        if (not tools or choice == "none") and not response_format:
-            return messages, None, False
-        language = conversation_language(messages)
+        response_format = kwargs.get("response_format") or None
+        constraint = self._constraint(tools, choice, response_format)
+        params = settings.resolve(
+            engine.generation_config,
+            values,
+            constraint=constraint,
+            reuse_prefix=self.prefix_cache_tokens > 0,
+        )
+        context = int(values["model_max_length"] or engine.context_length)
+        tokenizer = engine.tokenizer
+        prompt = render(
+            messages,
+            tokenizer if self.parse_special_tokens else literal_text_encoder(tokenizer),
+            engine.generation_config,
+            tools=tools,
+            tool_choice=choice,
+            response_format=response_format,
+            model_max_length=context,
+            max_new_tokens=params.max_new_tokens,
+        )
+        if prompt.truncated:
+            logger.warning(
+                "The prompt was cut on the left to fit model_max_length - max_tokens = %d tokens",
+                context - params.max_new_tokens,
+            )
+        parse_tools = constraint is not None and constraint.kind == "tools"
+        return Call(engine, prompt, params, spec.model, parse_tools)
+
+    def _constraint(
+        self, tools: list[dict[str, Any]], choice: ToolChoice, response_format: dict | None
+    ) -> Constraint | None:
+        """What bound tools or a response format constrain the output to, or None.
+
+        The prompt side (the protocol's system text) is ``prompt.render``'s.
+        """
         bound = self.grammar_max_length
         if response_format:
-            schema = response_format.get("schema")
-            system = json_system_text(schema, language)
-            constraint = Constraint("json", schema=bound_lengths(schema, bound))
-            parse_tools = False
-        else:
-            system = tools_system_text(tools, language)
-            constraint = Constraint(
-                "tools", tools=tuple(bound_lengths(tools, bound)), choice=choice
-            )
-            parse_tools = True
-        return [SystemMessage(system), *messages], constraint, parse_tools
+            return Constraint("json", schema=bound_lengths(response_format.get("schema"), bound))
+        if tools and choice != "none":
+            return Constraint("tools", tools=tuple(bound_lengths(tools, bound)), choice=choice)
+        return None
 
     # -- generation -----------------------------------------------------------------
-
-    def _may_retry(self, error: EngineStoppedError, answered: bool, attempt: int) -> bool:
-        """Whether a call whose engine stopped starts again: nothing answered, retries left."""
-        if answered or attempt == self.max_retries:
-            return False
-        logger.warning("%s; starting the call again (retry %d)", error, attempt + 1)
-        return True
 
     def _stream(
         self,
@@ -804,20 +512,20 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # LangChain's stream() reports each chunk to on_llm_new_token itself.
-        for attempt in range(self.max_retries + 1):
+        attempts = engines.Attempts(self.max_retries)
+        for _ in attempts:
             call = self._prepare(messages, stop, kwargs)
-            converter = _ChunkConverter(call)
+            converter = ChunkConverter(call)
             answered = False
             try:
-                for piece in call.engine.stream(call.prompt.input_ids, call.params):
+                for piece in call.engine.stream(call.prompt.input_ids, attempts.limit(call.params)):
                     answered = True
                     chunk = converter.convert(piece)
                     if chunk is not None:
                         yield chunk
                 return
-            except EngineStoppedError as e:
-                if not self._may_retry(e, answered, attempt):
-                    raise
+            except Exception as e:
+                attempts.failed(e, answered)  # raises unless the call starts again
 
     async def _astream(
         self,
@@ -827,40 +535,21 @@ class ChatBaichuan2(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Loading the model and tokenizing are blocking; keep them off the event loop.
-        for attempt in range(self.max_retries + 1):
+        attempts = engines.Attempts(self.max_retries)
+        for _ in attempts:
             call = await asyncio.to_thread(self._prepare, messages, stop, kwargs)
-            converter = _ChunkConverter(call)
+            converter = ChunkConverter(call)
             answered = False
             try:
-                async for piece in call.engine.astream(call.prompt.input_ids, call.params):
+                params = attempts.limit(call.params)
+                async for piece in call.engine.astream(call.prompt.input_ids, params):
                     answered = True
                     chunk = converter.convert(piece)
                     if chunk is not None:
                         yield chunk
                 return
-            except EngineStoppedError as e:
-                if not self._may_retry(e, answered, attempt):
-                    raise
-
-    @staticmethod
-    def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
-        """Join streamed chunks into the single message ``invoke`` returns."""
-        merged = chunks[0]
-        for chunk in chunks[1:]:
-            merged += chunk
-        message = cast(AIMessageChunk, merged.message)
-        result = AIMessage(
-            content=message.content,
-            tool_calls=message.tool_calls,
-            # Merging chunks drops the parse errors; the final chunk holds them.
-            invalid_tool_calls=cast(AIMessageChunk, chunks[-1].message).invalid_tool_calls,
-            usage_metadata=message.usage_metadata,
-            response_metadata=message.response_metadata,
-            id=message.id,
-        )
-        return ChatResult(
-            generations=[ChatGeneration(message=result, generation_info=merged.generation_info)]
-        )
+            except Exception as e:
+                attempts.failed(e, answered)  # raises unless the call starts again
 
     def _generate(
         self,
@@ -869,7 +558,7 @@ class ChatBaichuan2(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._result(list(self._stream(messages, stop, **kwargs)))
+        return chat_result(list(self._stream(messages, stop, **kwargs)))
 
     async def _agenerate(
         self,
@@ -878,26 +567,26 @@ class ChatBaichuan2(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._result([c async for c in self._astream(messages, stop, **kwargs)])
+        return chat_result([c async for c in self._astream(messages, stop, **kwargs)])
 
     # -- batching -------------------------------------------------------------------
 
     @staticmethod
     def _batch_config(
-        count: int, config: RunnableConfig | list[RunnableConfig] | None
+        count: int, config: RunnableConfig | list[RunnableConfig] | None, rows: int
     ) -> tuple[RunnableConfig | list[RunnableConfig], int]:
-        """Let every input of a batch run at once; return the config and how many start.
+        """The batch's config, and how many inputs start at once: as many as ``rows``.
 
-        A ``max_concurrency`` the caller set is kept: then only that many start
-        together and the rest join the running batch as they come.
+        ``rows``: how many requests the engine decodes together. A ``max_concurrency``
+        the caller set is kept. The other inputs join the running batch as earlier ones
+        end, so no more threads wait than rows decode.
         """
         first = (config[0] if config else {}) if isinstance(config, list) else (config or {})
-        limit = first.get("max_concurrency") or count
+        limit = min(first.get("max_concurrency") or rows, count)
         if isinstance(config, list):
-            return [
-                {**c, "max_concurrency": c.get("max_concurrency") or count} for c in config
-            ], limit
-        return {**(config or {}), "max_concurrency": limit}, min(limit, count)
+            configs = [{**c, "max_concurrency": c.get("max_concurrency") or limit} for c in config]
+            return cast(list[RunnableConfig], configs), limit
+        return {**(config or {}), "max_concurrency": limit}, limit
 
     def batch(
         self,
@@ -911,8 +600,8 @@ class ChatBaichuan2(BaseChatModel):
         if not inputs:
             return []
         engine = self.engine(kwargs.get("model"))
-        config, starting = self._batch_config(len(inputs), config)
-        with engine.gather(min(starting, len(inputs))):
+        config, starting = self._batch_config(len(inputs), config, engine.max_rows)
+        with engine.gather(starting):
             return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
 
     async def abatch(
@@ -927,13 +616,21 @@ class ChatBaichuan2(BaseChatModel):
         if not inputs:
             return []
         engine = await asyncio.to_thread(self.engine, kwargs.get("model"))
-        config, starting = self._batch_config(len(inputs), config)
-        with engine.gather(min(starting, len(inputs))):
+        config, starting = self._batch_config(len(inputs), config, engine.max_rows)
+        with engine.gather(starting):
             return await super().abatch(
                 inputs, config, return_exceptions=return_exceptions, **kwargs
             )
 
     # -- tools and structured output --------------------------------------------------
+
+    def bind(  # type: ignore[override,unused-ignore]  # newer langchain-core: a subclass
+        self, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind call arguments, checked now by the per-call rule (nothing is started)."""
+        call = {name: value for name, value in kwargs.items() if name != "stop"}
+        self._call_settings(kwargs.get("stop"), call)
+        return super().bind(**kwargs)
 
     def bind_tools(
         self,
@@ -954,7 +651,7 @@ class ChatBaichuan2(BaseChatModel):
         """
         formatted = format_tools(tools)
         choice = normalize_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
-        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
         self,
@@ -1000,7 +697,7 @@ class ChatBaichuan2(BaseChatModel):
             llm = self.bind_tools(
                 [schema], tool_choice=tool_name, ls_structured_output_format=trace
             )
-            parser = RunnableLambda(_require_a_valid_call) | (
+            parser = RunnableLambda(require_a_valid_call) | (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)
                 if is_pydantic
                 else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)

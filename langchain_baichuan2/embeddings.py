@@ -14,15 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 from transformers import BitsAndBytesConfig
 
+from langchain_baichuan2 import engines
 from langchain_baichuan2.arguments import reject_unknown_arguments
-from langchain_baichuan2.loading import (
-    LOAD_SETTINGS,
-    LoadedModel,
-    load_settings,
-    progress_enabled,
-    registry,
-)
-from langchain_baichuan2.prompt import literal_text_encoder
+from langchain_baichuan2.loading import LOAD_SETTINGS, LoadedModel, progress_enabled
+from langchain_baichuan2.prompt import eos_token_ids, literal_text_encoder
 
 if TYPE_CHECKING:
     from langchain_baichuan2.chat_models import ChatBaichuan2
@@ -230,14 +225,14 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
 
     def loaded_model(self) -> LoadedModel:
         """Return the shared loaded model (loading it on first use)."""
-        return registry.get(self.model, show_progress=self.show_progress, **load_settings(self))
+        return engines.loaded_model(engines.EngineSpec.of(self))
 
     def unload(self) -> bool:
         """Free the loaded model (shared with chat models configured alike).
 
         The next call loads it again. Returns whether it was loaded.
         """
-        return registry.unload(self.model, **load_settings(self))
+        return engines.release(engines.EngineSpec.of(self))
 
     @property
     def dimension(self) -> int:
@@ -296,7 +291,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
                 limit,
                 limit,
             )
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+        eos = eos_token_ids(loaded.generation_config, tokenizer)[0]
         return [row[:limit] or [eos] for row in ids]
 
     def _check_hidden_layer(self, loaded: LoadedModel) -> None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
-from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.tools import (
     TOOL_CALL_OPEN,
     TOOL_CALL_SUFFIX,
+    Constraint,
     tool_call_prefix,
 )
 
@@ -29,12 +30,15 @@ from langchain_baichuan2.tools import (
 _CONTROL_IDS = (0, 1, 2)
 
 
-def tokenizer_info(tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> xgr.TokenizerInfo:
+def tokenizer_info(
+    tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]
+) -> xgr.TokenizerInfo:
     """The Baichuan2 vocabulary as xgrammar sees it.
 
     Byte-fallback pieces, ``▁`` for spaces, no prefix space (Baichuan2 has no dummy
     prefix), and the control pieces ``<unk>``, ``<s>``, ``</s>`` marked special, so
-    a grammar can never produce them as text.
+    a grammar can never produce them as text. ``eos_token_ids`` (from
+    :func:`~langchain_baichuan2.prompt.eos_token_ids`) may each end a finished grammar.
     """
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     for i in _CONTROL_IDS:
@@ -43,7 +47,7 @@ def tokenizer_info(tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> xg
         pieces,
         xgr.VocabType.BYTE_FALLBACK,
         vocab_size=vocab_size,
-        stop_token_ids=[eos_token_id],
+        stop_token_ids=list(eos_token_ids),
         add_prefix_space=False,
     )
 
@@ -81,8 +85,8 @@ class GrammarCompiler:
 
     CACHE_SIZE = 64
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_id: int = 2) -> None:
-        self.info = tokenizer_info(tokenizer, vocab_size, eos_token_id)
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self.info = tokenizer_info(tokenizer, vocab_size, eos_token_ids)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=2)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._compiling: dict[str, threading.Lock] = {}

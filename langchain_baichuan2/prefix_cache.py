@@ -4,14 +4,15 @@ A chat re-sends its whole history every turn and an agent re-sends a growing
 transcript: the new prompt starts with ids the model has already seen. The store keeps
 the keys/values of recent sequences and hands back the longest stored prefix of a new
 prompt, so only the remainder is prefilled. Entries are evicted least recently used
-first once the total stored tokens exceed the budget.
+first once the total stored tokens exceed the budget, or the room a memory budget
+shared with other buffers leaves them (``room``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,10 +34,13 @@ class PrefixCache:
 
     Args:
         budget_tokens: Most tokens kept over all entries; 0 disables the store.
+        room: Tokens a shared memory budget leaves the store right now (read on
+            every store and by ``fit``); None: no other limit.
     """
 
-    def __init__(self, budget_tokens: int = 0) -> None:
+    def __init__(self, budget_tokens: int = 0, room: Callable[[], int] | None = None) -> None:
         self.budget_tokens = budget_tokens
+        self._room = room
         self._entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -60,6 +64,16 @@ class PrefixCache:
         """Raise the budget to ``budget_tokens`` if it is lower (never shrinks it)."""
         with self._lock:
             self.budget_tokens = max(self.budget_tokens, budget_tokens)
+
+    @property
+    def limit(self) -> int:
+        """Most tokens the store may hold now: its budget, within the room it is left."""
+        return self.budget_tokens if self._room is None else min(self.budget_tokens, self._room())
+
+    def fit(self) -> None:
+        """Evict least recently used entries until the store is within ``limit``."""
+        with self._lock:
+            self._evict()
 
     def lookup(self, ids: Sequence[int]) -> tuple[int, LayerKV | None]:
         """The longest stored prefix of ``ids``, leaving at least one id to prefill.
@@ -87,7 +101,7 @@ class PrefixCache:
         if an entry already extends ``ids``, it is only marked as recently used.
         """
         key = tuple(ids)
-        if not key or len(key) > self.budget_tokens:
+        if not key or len(key) > self.limit:
             return
         with self._lock:
             longer = next((k for k in self._entries if k[: len(key)] == key), None)
@@ -105,5 +119,6 @@ class PrefixCache:
             self._entries.clear()
 
     def _evict(self) -> None:
-        while self._entries and self.stored_tokens > self.budget_tokens:
+        limit = self.limit
+        while self._entries and self.stored_tokens > limit:
             self._entries.popitem(last=False)

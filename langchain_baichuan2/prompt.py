@@ -1,5 +1,10 @@
 r"""LangChain messages to Baichuan2 prompt ids, exactly as the official ``build_chat_input``.
 
+:func:`render` is the one entry point: ``ChatBaichuan2`` calls, its token counts and
+the vLLM server's chat renderer all build their prompt with it. This module is also
+the one place that knows the role ids (:func:`role_token_ids`), where the tool or JSON
+protocol's system text goes, and the end-of-answer ids (:func:`eos_token_ids`).
+
 The official algorithm (``generation_utils.build_chat_input``, used by ``model.chat``):
 
 1. ``max_input = model_max_length - max_new_tokens``.
@@ -50,9 +55,9 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from langchain_core.messages import (
     AIMessage,
@@ -64,9 +69,25 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
-from langchain_baichuan2.tools import render_tool_call, render_tool_result
+from langchain_baichuan2.tools import (
+    conversation_language,
+    json_system_text,
+    render_tool_call,
+    render_tool_result,
+    tools_system_text,
+)
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 Role = Literal["system", "user", "assistant"]
+
+# Baichuan2's role tokens <reserved_106> and <reserved_107>, used when a checkpoint's
+# generation config does not name its own.
+DEFAULT_USER_TOKEN_ID = 195
+DEFAULT_ASSISTANT_TOKEN_ID = 196
+# </s>, used when neither the generation config nor the tokenizer names an eos.
+DEFAULT_EOS_TOKEN_ID = 2
 
 # Content blocks that restate an AI message's tool calls (Anthropic / v1 formats).
 _TOOL_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
@@ -113,7 +134,8 @@ class LiteralTextEncoder:
     ``<reserved_N>`` written in text into their ids, so typed text could open a fake
     user or assistant turn. Here each such string is encoded as text instead: its
     ``<`` apart from the rest, which no control piece matches. All other text is
-    encoded exactly as the tokenizer does.
+    encoded exactly as the tokenizer does. Cheap to build: the vocabulary is scanned
+    once per tokenizer.
 
     Example:
         ```python
@@ -124,12 +146,7 @@ class LiteralTextEncoder:
 
     def __init__(self, tokenizer: VocabularyEncoder) -> None:
         self.tokenizer = tokenizer
-        controls = sorted(
-            (piece for piece in tokenizer.get_vocab() if _CONTROL_PIECE.fullmatch(piece)),
-            key=len,
-            reverse=True,
-        )
-        self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self._controls = _control_pattern(tokenizer)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Returns the ids of ``text``; control-token strings in it become text ids."""
@@ -147,17 +164,87 @@ class LiteralTextEncoder:
         return ids
 
 
-_literal_encoders: weakref.WeakKeyDictionary[VocabularyEncoder, LiteralTextEncoder] = (
+# Per tokenizer, the pattern of its control pieces. The values must not refer to their
+# key: a value that did would keep its tokenizer (and every model that shares it)
+# alive for as long as the process runs.
+_control_patterns: weakref.WeakKeyDictionary[VocabularyEncoder, re.Pattern[str] | None] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _control_pattern(tokenizer: VocabularyEncoder) -> re.Pattern[str] | None:
+    """The pattern matching ``tokenizer``'s control pieces, longest first (None: none)."""
+    if tokenizer not in _control_patterns:
+        controls = sorted(
+            (piece for piece in tokenizer.get_vocab() if _CONTROL_PIECE.fullmatch(piece)),
+            key=len,
+            reverse=True,
+        )
+        pattern = re.compile("|".join(map(re.escape, controls))) if controls else None
+        _control_patterns[tokenizer] = pattern
+    return _control_patterns[tokenizer]
+
+
 def literal_text_encoder(tokenizer: VocabularyEncoder) -> LiteralTextEncoder:
-    """The ``LiteralTextEncoder`` of ``tokenizer`` (built once per tokenizer)."""
-    encoder = _literal_encoders.get(tokenizer)
-    if encoder is None:
-        encoder = _literal_encoders[tokenizer] = LiteralTextEncoder(tokenizer)
-    return encoder
+    """The ``LiteralTextEncoder`` of ``tokenizer`` (its vocabulary scanned once)."""
+    return LiteralTextEncoder(tokenizer)
+
+
+def _setting(generation_config: GenerationConfig | Mapping[str, Any] | None, name: str) -> Any:
+    """One value of a generation config given as an object, a dict or None."""
+    if generation_config is None:
+        return None
+    if isinstance(generation_config, Mapping):
+        return generation_config.get(name)
+    return getattr(generation_config, name, None)
+
+
+def role_token_ids(
+    generation_config: GenerationConfig | Mapping[str, Any] | None,
+) -> tuple[int, int]:
+    """The ids that open a user and an assistant turn.
+
+    Args:
+        generation_config: The checkpoint's generation config (transformers'
+            ``GenerationConfig``, its dict as vLLM reads it, or None).
+
+    Returns:
+        ``(user_token_id, assistant_token_id)`` as the config names them, else 195
+        and 196 (Baichuan2's ``<reserved_106>`` and ``<reserved_107>``).
+    """
+    user = _setting(generation_config, "user_token_id")
+    assistant = _setting(generation_config, "assistant_token_id")
+    return (
+        DEFAULT_USER_TOKEN_ID if user is None else int(user),
+        DEFAULT_ASSISTANT_TOKEN_ID if assistant is None else int(assistant),
+    )
+
+
+def eos_token_ids(
+    generation_config: GenerationConfig | Mapping[str, Any] | None,
+    tokenizer: Any = None,
+) -> list[int]:
+    """The ids that end an answer, the checkpoint's first.
+
+    Args:
+        generation_config: The checkpoint's generation config (as for
+            :func:`role_token_ids`), or None when only the tokenizer is at hand.
+        tokenizer: The checkpoint's tokenizer, or None.
+
+    Returns:
+        The config's ``eos_token_id`` (one id or a list, in its order, without
+        repeats), else the tokenizer's ``eos_token_id``, else ``[2]`` (``</s>``). The
+        first id is the one to write where a single eos is needed (e.g. the text of
+        an empty input).
+    """
+    for eos in (
+        _setting(generation_config, "eos_token_id"),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        ids = [] if eos is None else eos if isinstance(eos, Sequence) else [eos]
+        if ids:
+            return list(dict.fromkeys(int(i) for i in ids))
+    return [DEFAULT_EOS_TOKEN_ID]
 
 
 @dataclass(frozen=True)
@@ -271,24 +358,42 @@ def _system_and_rounds(
     return system, rounds
 
 
-def build_chat_prompt(
+def render(
     messages: Sequence[BaseMessage],
-    tokenizer: Encoder,
+    encoder: Encoder,
+    generation_config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
-    model_max_length: int,
-    max_new_tokens: int,
-    user_token_id: int = 195,
-    assistant_token_id: int = 196,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: object = "auto",
+    response_format: Mapping[str, Any] | None = None,
+    model_max_length: int | None = None,
+    max_new_tokens: int = 0,
+    add_generation_prompt: bool = True,
 ) -> ChatPrompt:
     """Builds the prompt ids of a conversation as the official ``build_chat_input`` does.
 
+    The one way to a Baichuan2 chat prompt (``ChatBaichuan2`` calls and token counts,
+    the vLLM server's chat renderer). The protocol's system text goes first: the JSON
+    request's when ``response_format`` is given, else the tools' when ``tools`` are
+    given and ``tool_choice`` is not ``"none"`` (see ``tools.py``), in the language of
+    ``messages``. The rest is the module docstring's algorithm.
+
     Args:
         messages: The conversation, oldest first.
-        tokenizer: Encodes each message's text (see :class:`Encoder`).
-        model_max_length: The model's context length (4096 for Baichuan2).
-        max_new_tokens: Tokens reserved for the reply.
-        user_token_id: The token that opens a user turn.
-        assistant_token_id: The token that opens an assistant turn.
+        encoder: Encodes each message's text (see :class:`Encoder`); pass a
+            :class:`LiteralTextEncoder` so that typed control-token strings stay text.
+        generation_config: The checkpoint's generation config, for the role ids
+            (see :func:`role_token_ids`); None uses 195 and 196.
+        tools: OpenAI function tools (``{"type": "function", "function": {"name",
+            "description", "parameters"}}``) the model may call.
+        tool_choice: Anything but ``"none"`` describes ``tools`` in the prompt.
+        response_format: ``{"schema": <JSON schema or None>}`` asks for one JSON object
+            (matching the schema when there is one) instead of tools.
+        model_max_length: The model's context length (4096 for Baichuan2); None keeps
+            every round (no truncation).
+        max_new_tokens: Tokens reserved for the reply within ``model_max_length``.
+        add_generation_prompt: End with the assistant token (unless the last message
+            is the assistant's, which the model then continues).
 
     Returns:
         The prompt ids, with how many old rounds were dropped and whether the final
@@ -298,8 +403,8 @@ def build_chat_prompt(
         ValueError: If ``messages`` is empty, ``max_new_tokens`` leaves no room for
             the prompt, or a message cannot be rendered (see the module docstring).
     """
-    max_input = model_max_length - max_new_tokens
-    if max_input <= 0:
+    max_input = None if model_max_length is None else model_max_length - max_new_tokens
+    if max_input is not None and max_input <= 0:
         msg = (
             f"max_tokens ({max_new_tokens}) leaves no room for the prompt in "
             f"model_max_length ({model_max_length})"
@@ -308,10 +413,14 @@ def build_chat_prompt(
     if not messages:
         raise ValueError("messages is empty: a chat prompt needs at least one message")
 
+    system = _protocol_text(messages, tools, tool_choice, response_format)
     turns = [message_role_and_text(message) for message in messages]
+    if system is not None:
+        turns.insert(0, ("system", system))
     system, rounds = _system_and_rounds(turns)
-    system_ids = tokenizer.encode(system, add_special_tokens=False) if system else []
-    budget = max_input - len(system_ids)
+    user_token_id, assistant_token_id = role_token_ids(generation_config)
+    system_ids = encoder.encode(system, add_special_tokens=False) if system else []
+    budget = None if max_input is None else max_input - len(system_ids)
 
     # Newest first and encoded lazily, so older rounds are never tokenized once one
     # does not fit. The official "stop once the history fills the budget" needs no
@@ -322,8 +431,8 @@ def build_chat_prompt(
         round_ids: list[int] = []
         for role, text in round_:
             round_ids.append(user_token_id if role == "user" else assistant_token_id)
-            round_ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        if kept and history_len + len(round_ids) > budget:
+            round_ids.extend(encoder.encode(text, add_special_tokens=False))
+        if kept and budget is not None and history_len + len(round_ids) > budget:
             break
         kept.append(round_ids)
         history_len += len(round_ids)
@@ -331,10 +440,25 @@ def build_chat_prompt(
     ids = list(system_ids)
     for round_ids in reversed(kept):
         ids.extend(round_ids)
-    if turns[-1][0] != "assistant":
+    if add_generation_prompt and turns[-1][0] != "assistant":
         ids.append(assistant_token_id)
+    truncated = max_input is not None and len(ids) > max_input
     return ChatPrompt(
-        input_ids=ids[-max_input:],
+        input_ids=ids[-max_input:] if truncated and max_input is not None else ids,
         dropped_rounds=len(rounds) - len(kept),
-        truncated=len(ids) > max_input,
+        truncated=truncated,
     )
+
+
+def _protocol_text(
+    messages: Sequence[BaseMessage],
+    tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: object,
+    response_format: Mapping[str, Any] | None,
+) -> str | None:
+    """The system text that opens the prompt for structured output or tools, or None."""
+    if response_format is not None:
+        return json_system_text(response_format.get("schema"), conversation_language(messages))
+    if tools and tool_choice != "none":
+        return tools_system_text([dict(t) for t in tools], conversation_language(messages))
+    return None

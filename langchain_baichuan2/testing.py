@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import sentencepiece as spm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 __all__ = ["make_tiny_checkpoint", "make_tiny_legacy_4bit_checkpoint", "user_defined_pieces"]
 
@@ -268,7 +268,9 @@ def _write_weights(
         single, stem, ext = "model.safetensors", "model", "safetensors"
 
         def save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-            save_file(tensors, file, metadata={"format": "pt"})
+            # Written as bytes, like every other file here: safetensors' save_file goes
+            # through a private temporary file and leaves the weights mode 0600.
+            file.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
 
     else:
         single, stem, ext = "pytorch_model.bin", "pytorch_model", "bin"
@@ -491,7 +493,7 @@ def make_tiny_legacy_4bit_checkpoint(
         dtype=torch.bfloat16,
         seed=seed,
     )
-    from langchain_baichuan2.legacy_4bit import QUANTIZED_LINEARS
+    from langchain_baichuan2.loading.legacy_4bit import QUANTIZED_LINEARS
 
     quantized = {
         f"model.layers.{layer}.{linear}.weight"

@@ -166,6 +166,22 @@ def json_system_text(schema: dict[str, Any] | None, language: Language) -> str:
     return f"{words['json']}\n{_dumps(schema)}"
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must follow, independent of any backend's grammar engine.
+
+    ``kind="json"``: one JSON object, matching ``schema`` when one is given.
+    ``kind="tools"``: the tool-call protocol for ``tools`` (OpenAI function dicts)
+    under ``choice`` (``"auto"``, ``"required"`` or a tool name). ``grammar.py`` turns
+    it into a grammar.
+    """
+
+    kind: Literal["json", "tools"]
+    schema: dict[str, Any] | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    choice: ToolChoice = "auto"
+
+
 def tool_call_prefix(name: str) -> str:
     """The text of a call of ``name`` up to its arguments object."""
     return f'{TOOL_CALL_OPEN}{{"name": {_dumps(name)}, "arguments": '

@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,13 +36,11 @@ from langchain_baichuan2.engines.base import (
     GenerationChunk,
     OutputText,
     SamplingParams,
-    check_top_k,
     deadline_of,
-    eos_ids_of,
-    reject_unsupported_arguments,
     seconds_to_wait,
     timeout_timer,
 )
+from langchain_baichuan2.engines.settings import VLLM_LIMITS
 from langchain_baichuan2.grammar import build_grammar
 from langchain_baichuan2.loading import (
     DType,
@@ -51,13 +50,9 @@ from langchain_baichuan2.loading import (
     resolve_model_path,
 )
 from langchain_baichuan2.modeling import BaichuanConfig, BaichuanTokenizer
+from langchain_baichuan2.prompt import eos_token_ids
 
 logger = logging.getLogger(__name__)
-
-# generate() arguments vLLM can honour (``min_new_tokens`` is its ``min_tokens``).
-EXTRA_ARGUMENTS = ("min_new_tokens",)
-# The hottest sampling vLLM accepts (the native engine has no limit).
-MAX_TEMPERATURE = 2.0
 
 
 def vllm_available() -> bool:
@@ -67,13 +62,14 @@ def vllm_available() -> bool:
     return find_spec("vllm") is not None
 
 
-def check_extra_arguments(extra: Sequence[tuple[str, Any]]) -> None:
-    """Reject ``generate()`` arguments vLLM cannot honour, naming them."""
-    reject_unsupported_arguments(extra, EXTRA_ARGUMENTS, "vllm")
-
-
 # How long a shutdown waits for vLLM's requests to end and its processes to exit.
 SHUTDOWN_SECONDS = 30
+# The vLLM plugin's ``additional_config`` key for "the caller checked this folder"
+# (``vllm_plugin.model_config.CHECKED``; not imported: the plugin imports vLLM).
+_CHECKED = "baichuan2_checkpoint_checked"
+# What sets vLLM's log level; without any of them, a start logs only warnings and errors.
+_LOGGING_ARGS = ("log_level", "logging_config", "log_config_file")
+_LOGGING_VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH")
 
 
 class VllmEngine(Engine):
@@ -87,7 +83,9 @@ class VllmEngine(Engine):
         tensor_parallel_size: GPUs (or CPU sockets) each layer is split across.
         pipeline_parallel_size: Stages the layers are split into.
         vllm_kwargs: Further ``AsyncEngineArgs`` (``gpu_memory_utilization``,
-            ``max_model_len``, ``distributed_executor_backend="ray"``, ...).
+            ``max_model_len``, ``distributed_executor_backend="ray"``, ...). vLLM
+            logs only warnings and errors unless ``log_level`` here, or
+            ``VLLM_LOGGING_LEVEL`` in the environment, asks for more.
     """
 
     def __init__(
@@ -105,7 +103,7 @@ class VllmEngine(Engine):
         self.generation_config = GenerationConfig.from_pretrained(folder)
         self.context_length = config.context_length
         self.vocab_size = config.vocab_size
-        self.eos_ids = eos_ids_of(self.generation_config)
+        self.eos_ids = set(eos_token_ids(self.generation_config, self.tokenizer))
         torch_dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
         args = {
             "model": str(folder),
@@ -118,6 +116,13 @@ class VllmEngine(Engine):
             "trust_remote_code": False,
             **(vllm_kwargs or {}),
         }
+        # The folder was checked (_checked_folder): the plugin's hook need not read it again.
+        args["additional_config"] = {**args.get("additional_config", {}), _CHECKED: True}
+        if not any(args.get(key) for key in _LOGGING_ARGS) and not any(
+            os.environ.get(name) for name in _LOGGING_VARIABLES
+        ):
+            args["log_level"] = "WARNING"  # vLLM passes it to its engine processes too
+        self.max_rows = int(args.get("max_num_seqs") or 256)  # vLLM's default on a GPU
         self._closed = False
         self._state_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -182,14 +187,7 @@ class VllmEngine(Engine):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
-        check_extra_arguments(params.extra)
-        check_top_k(params, self.vocab_size)
-        if params.temperature > MAX_TEMPERATURE:
-            msg = (
-                f"temperature must be at most {MAX_TEMPERATURE} on backend 'vllm' (vLLM's "
-                f"limit), got {params.temperature}; backend='native' samples hotter"
-            )
-            raise ValueError(msg)
+        VLLM_LIMITS.check_request(params, self.vocab_size)
         structured = (
             StructuredOutputsParams(grammar=str(build_grammar(params.constraint)))
             if params.constraint is not None
@@ -226,9 +224,11 @@ class VllmEngine(Engine):
             submitted = time.perf_counter()
             prompt_seconds: float | None = None
             cached = 0
-            outputs = self.llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), vllm_params, uuid.uuid4().hex
+            # Rendered as vLLM's own token-in server does (a raw prompt is deprecated).
+            (prompt,) = await self.llm.renderer.render_cmpl_async(
+                [TokensPrompt(prompt_token_ids=prompt_ids)]
             )
+            outputs = self.llm.generate(prompt, vllm_params, uuid.uuid4().hex)
             try:
                 async for out in outputs:
                     if prompt_seconds is None:

@@ -69,6 +69,7 @@ def _use_native_tokenizer_info() -> None:
 
     from langchain_baichuan2.grammar import tokenizer_info
     from langchain_baichuan2.modeling import BaichuanTokenizer
+    from langchain_baichuan2.prompt import eos_token_ids
 
     generic = xgr.TokenizerInfo.from_huggingface
     if getattr(generic, "baichuan2", False):
@@ -84,9 +85,11 @@ def _use_native_tokenizer_info() -> None:
             return generic(
                 tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids, **kwargs
             )
+        # vLLM names no stops here (it gives each request's matcher its own).
         stops = [stop_token_ids] if isinstance(stop_token_ids, int) else stop_token_ids
-        eos = stops[0] if stops else tokenizer.eos_token_id
-        return tokenizer_info(tokenizer, vocab_size or len(tokenizer), eos)
+        return tokenizer_info(
+            tokenizer, vocab_size or len(tokenizer), stops or eos_token_ids(None, tokenizer)
+        )
 
     from_huggingface.baichuan2 = True  # type: ignore[attr-defined]
     xgr.TokenizerInfo.from_huggingface = staticmethod(from_huggingface)  # type: ignore[method-assign]

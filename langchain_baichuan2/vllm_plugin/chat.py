@@ -3,23 +3,80 @@
 The server's chat requests go through :func:`chat_prompt_ids` instead of a text template:
 a template renders a string that vLLM tokenizes again with special-token parsing, so a
 ``<reserved_106>`` or ``</s>`` typed in a message would become a role or end token. Here
-the messages become LangChain messages and :func:`~langchain_baichuan2.prompt.build_chat_prompt`
+the messages become LangChain messages and :func:`~langchain_baichuan2.prompt.render`
 encodes their text with the given encoder (a
 :class:`~langchain_baichuan2.prompt.LiteralTextEncoder` in the server), while the role
 tokens are ids: the ids are ``ChatBaichuan2``'s default prompt for the same messages.
+A request that cannot become a prompt raises :class:`ChatRequestError`, naming its field.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage, SystemMessage, convert_to_messages
+from langchain_core.messages import BaseMessage, convert_to_messages
 
-from langchain_baichuan2.prompt import Encoder, build_chat_prompt
-from langchain_baichuan2.tools import conversation_language, tools_system_text
+from langchain_baichuan2.prompt import Encoder, render
+from langchain_baichuan2.tools import format_tools
+
+
+class ChatRequestError(ValueError):
+    """A chat request that cannot become a Baichuan2 prompt.
+
+    Attributes:
+        parameter: The request field at fault (``"messages"`` or ``"tools"``).
+    """
+
+    def __init__(self, message: str, parameter: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+# The fields of an OpenAI function tool this package reads: name, Python type, JSON type.
+_FUNCTION_FIELDS = (
+    ("name", str, "string"),
+    ("description", str, "string"),
+    ("parameters", Mapping, "object"),
+)
+
+
+def request_tools(tools: object) -> list[dict[str, Any]]:
+    """The OpenAI function tools of a request, checked (None or empty: no tools).
+
+    Raises:
+        ChatRequestError: Unless ``tools`` is a list of ``{"function": {"name": str,
+            "description": str, "parameters": object}}`` objects (description and
+            parameters optional or null) whose names and parameters
+            ``ChatBaichuan2.bind_tools`` would accept.
+    """
+    if not tools:
+        return []
+    if not isinstance(tools, Sequence) or isinstance(tools, str):
+        msg = f"tools must be a list of function tools, got a {type(tools).__name__}"
+        raise ChatRequestError(msg, "tools")
+    checked = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping):
+            msg = f'tools[{index}] is not an object with a "function" object'
+            raise ChatRequestError(msg, "tools")
+        # vLLM passes the fields a client left out as null.
+        function = {key: value for key, value in function.items() if value is not None}
+        for key, kind, json_kind in _FUNCTION_FIELDS:
+            if key in function and not isinstance(function[key], kind):
+                msg = f"tools[{index}].function.{key} is not a JSON {json_kind}"
+                raise ChatRequestError(msg, "tools")
+        if "name" not in function:
+            msg = f'tools[{index}].function has no "name"'
+            raise ChatRequestError(msg, "tools")
+        try:
+            (formatted,) = format_tools([{"type": "function", "function": function}])
+        except ValueError as e:
+            raise ChatRequestError(f"tools[{index}]: {e}", "tools") from e
+        checked.append(formatted)
+    return checked
 
 
 def _tool_call_arguments(arguments: Any, where: str) -> dict[str, Any]:
@@ -71,11 +128,11 @@ def _langchain_message(message: Mapping[str, Any], index: int) -> BaseMessage:
 def chat_prompt_ids(
     messages: Sequence[Mapping[str, Any]],
     encoder: Encoder,
+    generation_config: Mapping[str, Any] | None = None,
     *,
     add_generation_prompt: bool = True,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    user_token_id: int = 195,
-    assistant_token_id: int = 196,
+    tools: object = None,
+    tool_choice: object = "auto",
 ) -> list[int]:
     """Returns the Baichuan2 prompt ids of an OpenAI-format conversation.
 
@@ -85,35 +142,36 @@ def chat_prompt_ids(
             ``arguments``, ``tool_call_id``).
         encoder: Encodes message text; pass a ``LiteralTextEncoder`` so that typed
             control-token strings stay text.
+        generation_config: The checkpoint's generation config as a dict (for the role
+            ids); None uses Baichuan2's.
         add_generation_prompt: End with the assistant token (when the last message is
             not the assistant's, which the model then continues).
-        tools: OpenAI function tools the request offers: their protocol text opens the
-            prompt as a system message, as ``ChatBaichuan2.bind_tools`` writes it.
-        user_token_id: The token that opens a user turn.
-        assistant_token_id: The token that opens an assistant turn.
+        tools: OpenAI function tools the request offers (checked by
+            :func:`request_tools`): their protocol text opens the prompt, as
+            ``ChatBaichuan2.bind_tools`` writes it.
+        tool_choice: The request's; ``"none"`` leaves the tools out of the prompt.
 
     Returns:
-        The ids ``build_chat_prompt`` gives for the same LangChain messages, with no
-        history truncation (vLLM refuses prompts longer than its context itself).
+        The ids :func:`~langchain_baichuan2.prompt.render` gives for the same LangChain
+        messages, with no history truncation (vLLM refuses prompts longer than its
+        context itself).
 
     Raises:
-        ValueError: On a message that is not a chat message, tool call arguments that
-            are not a JSON object, or what ``build_chat_prompt`` refuses (an empty
-            conversation, a role or content block Baichuan2 cannot take).
+        ChatRequestError: On malformed tools, a message that is not a chat message,
+            tool call arguments that are not a JSON object, or what ``render`` refuses
+            (an empty conversation, a role or content block Baichuan2 cannot take).
     """
-    converted = [_langchain_message(message, i) for i, message in enumerate(messages)]
-    if tools:
-        text = tools_system_text([dict(t) for t in tools], conversation_language(converted))
-        converted = [SystemMessage(text), *converted]
-    prompt = build_chat_prompt(
-        converted,
-        encoder,
-        model_max_length=sys.maxsize,
-        max_new_tokens=0,
-        user_token_id=user_token_id,
-        assistant_token_id=assistant_token_id,
-    )
-    ids = prompt.input_ids
-    if not add_generation_prompt and converted[-1].type != "ai":
-        ids = ids[:-1]  # build_chat_prompt's generation prompt (the assistant token)
-    return ids
+    checked_tools = request_tools(tools)
+    try:
+        converted = [_langchain_message(message, i) for i, message in enumerate(messages)]
+        prompt = render(
+            converted,
+            encoder,
+            generation_config,
+            tools=checked_tools,
+            tool_choice=tool_choice,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except ValueError as e:
+        raise ChatRequestError(str(e), "messages") from e
+    return prompt.input_ids

@@ -5,9 +5,11 @@ they are: the fused ``W_pack`` goes whole into a tensor-parallel QKV projection,
 weight loader splits it into q, k and v (so quantized layouts, packed along either
 dimension, split correctly too), the separate ``gate_proj``/``up_proj`` into one merged
 projection, and the ``lm_head`` rows are L2-normalized in fp32 while loading
-(Baichuan2's NormHead). The position scheme is ``config.position_embedding``, never
-guessed from the hidden size. ALiBi slopes are computed for all heads and each
-tensor-parallel rank keeps its own heads'.
+(Baichuan2's NormHead). Every tensor an unquantized checkpoint's config implies must
+arrive, and no other, or loading raises the ``CheckpointError`` that the folder check
+gives. The position scheme is ``config.position_embedding``, never guessed from the
+hidden size. ALiBi slopes are computed for all heads and each tensor-parallel rank keeps
+its own heads'.
 
 Baichuan-1 (Baichuan-7B: RoPE, Baichuan-13B: ALiBi) is the same network without
 NormHead: its head is used as stored. Its config has no key that says so; both of its
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -58,7 +61,11 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from langchain_baichuan2.loading import CheckpointError
+from langchain_baichuan2.loading.checkpoint import (
+    CheckpointError,
+    check_tensor_names,
+    weight_files,
+)
 from langchain_baichuan2.modeling.configuration import ROPE_THETA, BaichuanConfig
 from langchain_baichuan2.modeling.modeling import alibi_slopes
 
@@ -284,6 +291,7 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             raise TypeError(msg)
         config.validate_architecture()
         self.config = config
+        self.model_name = vllm_config.model_config.model
         self.norm_head = config.norm_head
         if not self.norm_head:
             logger.info(
@@ -324,11 +332,34 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load official tensors into this rank's parameters; return the names loaded."""
+        """Load official tensors into this rank's parameters; return the names loaded.
+
+        An unquantized checkpoint's tensor names are checked as ``check_checkpoint``
+        checks a folder's, with the same error: vLLM would leave a parameter no tensor
+        reached uninitialised, and a model id downloaded by the workers was never
+        checked as a folder. A merged ``gate_up_proj`` is loaded once both halves are.
+
+        Raises:
+            CheckpointError: Naming each missing or unexpected tensor (a quantized
+                checkpoint: each unexpected one), or a tensor an unquantized checkpoint
+                stores as integers.
+        """
         params = dict(self.named_parameters())
+        received: list[str] = []
+        unknown: list[str] = []
+        halves: dict[str, set[int]] = {}
         loaded: set[str] = set()
         for name, tensor in weights:
+            received.append(name)
             if is_pp_missing_parameter(name, self):
+                continue
+            # W_pack stays whole: with no shard id, the QKV loader splits it into q, k, v.
+            param_name, shard = name, None
+            for part, (merged, index) in _MERGED.items():
+                if part in name:
+                    param_name, shard = name.replace(part, merged), index
+            if param_name not in params:
+                unknown.append(name)
                 continue
             if self.quant_config is None and not tensor.is_floating_point():
                 # Copying it into a float parameter would cast it silently.
@@ -341,18 +372,30 @@ class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
             if name == "lm_head.weight" and self.norm_head:
                 # NormHead: normalize the stored rows in fp32 before any cast.
                 tensor = nn.functional.normalize(tensor.float(), dim=-1, eps=1e-12)
-            # W_pack stays whole: with no shard id, the QKV loader splits it into q, k, v.
-            param_name, shard = name, None
-            for part, (merged, index) in _MERGED.items():
-                if part in name:
-                    param_name, shard = name.replace(part, merged), index
-            if param_name not in params:
-                msg = f"unexpected tensor {name!r} in the checkpoint"
-                raise ValueError(msg)
             param = params[param_name]
             if shard is None:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(param_name)
             else:
                 cast(Any, param).weight_loader(param, tensor, shard)  # vLLM sets it
-            loaded.add(param_name)
+                halves.setdefault(param_name, set()).add(shard)
+                if len(halves[param_name]) == len(_MERGED):
+                    loaded.add(param_name)
+        if self.quant_config is None:
+            # Also allows what the folder check allows (Baichuan-1's RoPE buffers).
+            check_tensor_names(received, self.config, _weights_source(self.model_name))
+        elif unknown:
+            msg = (
+                f"The weights of {self.model_name} hold {len(unknown)} unexpected "
+                f"tensor(s): {', '.join(unknown[:8])}"
+            )
+            raise CheckpointError(msg)
         return loaded
+
+
+def _weights_source(model: str) -> str:
+    """The weights of ``model`` as ``check_checkpoint`` names them in its errors."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model  # a model id: the workers downloaded it
+    return f"{folder} ({', '.join(path.name for path in weight_files(folder))})"

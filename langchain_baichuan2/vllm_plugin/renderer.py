@@ -7,13 +7,15 @@ ids of :func:`.chat.chat_prompt_ids` (with the request's tools, unless its
 ``tool_choice`` is ``"none"``); a chat template named by the server
 (``--chat-template``) or the request is applied as vLLM's HF renderer applies it. A
 template in the checkpoint's own tokenizer config is not used: it would parse typed
-control strings as tokens. Everything else (completions, token ids, detokenizing) is the
-HF renderer's.
+control strings as tokens. A request whose messages or tools cannot become a prompt is
+refused with vLLM's validation error (HTTP 400 naming the field). Everything else
+(completions, token ids, detokenizing) is the HF renderer's.
 """
 
 from __future__ import annotations
 
 from vllm.config import VllmConfig
+from vllm.exceptions import VLLMValidationError
 from vllm.renderers.chat_utils import (
     ChatCompletionMessageParam,
     ConversationMessage,
@@ -28,7 +30,7 @@ from vllm.tokenizers.hf import HfTokenizer
 from vllm.utils.async_utils import make_async
 
 from langchain_baichuan2.prompt import literal_text_encoder
-from langchain_baichuan2.vllm_plugin.chat import chat_prompt_ids
+from langchain_baichuan2.vllm_plugin.chat import ChatRequestError, chat_prompt_ids
 
 
 class Baichuan2Renderer(HfRenderer):
@@ -36,9 +38,7 @@ class Baichuan2Renderer(HfRenderer):
 
     def __init__(self, config: VllmConfig, tokenizer: HfTokenizer | None) -> None:
         super().__init__(config, tokenizer)
-        generation = config.model_config.try_get_generation_config()
-        self.user_token_id = int(generation.get("user_token_id", 195))
-        self.assistant_token_id = int(generation.get("assistant_token_id", 196))
+        self.generation_config = config.model_config.try_get_generation_config()
         self._prompt_ids_async = make_async(self._prompt_ids, executor=self._executor)
 
     @staticmethod
@@ -49,16 +49,23 @@ class Baichuan2Renderer(HfRenderer):
     def _prompt_ids(
         self, messages: list[ChatCompletionMessageParam], params: ChatParams
     ) -> list[int]:
-        """The prompt ids of a conversation (see :func:`.chat.chat_prompt_ids`)."""
+        """The prompt ids of a conversation (see :func:`.chat.chat_prompt_ids`).
+
+        Raises:
+            VLLMValidationError: If the messages or tools cannot become a prompt.
+        """
         kwargs = params.chat_template_kwargs
-        return chat_prompt_ids(
-            messages,
-            literal_text_encoder(self.get_tokenizer()),
-            add_generation_prompt=kwargs.get("add_generation_prompt", True),
-            tools=None if params.tool_choice == "none" else kwargs.get("tools"),
-            user_token_id=self.user_token_id,
-            assistant_token_id=self.assistant_token_id,
-        )
+        try:
+            return chat_prompt_ids(
+                messages,
+                literal_text_encoder(self.get_tokenizer()),
+                self.generation_config,
+                add_generation_prompt=kwargs.get("add_generation_prompt", True),
+                tools=kwargs.get("tools"),
+                tool_choice=params.tool_choice,
+            )
+        except ChatRequestError as e:
+            raise VLLMValidationError(str(e), parameter=e.parameter) from e
 
     def render_messages(
         self, messages: list[ChatCompletionMessageParam], params: ChatParams

@@ -159,6 +159,26 @@ def test_batch_equals_one_by_one_and_runs_as_one_batch(llm, monkeypatch):
     assert sizes[0] == len(prompts)  # every prompt decodes from the first step on
 
 
+def test_a_large_batch_starts_no_more_threads_than_rows_and_still_batches(tiny_7b, monkeypatch):
+    # Before, batch(3000) started ~2,939 threads: one per input, all waiting on one batch.
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=2)
+    rows_per_step = llm.engine().max_rows
+    rows, threads = [], []
+    original = NativeEngine._step
+
+    def spy(self, batch):
+        rows.append(len(batch.rows))
+        threads.append(threading.active_count())
+        return original(self, batch)
+
+    monkeypatch.setattr(NativeEngine, "_step", spy)
+    before = threading.active_count()
+    replies = llm.batch([f"question {i}" for i in range(3 * rows_per_step)])
+    assert len(replies) == 3 * rows_per_step and all(r.usage_metadata for r in replies)
+    assert max(threads) - before <= rows_per_step + 4
+    assert max(rows) >= rows_per_step // 2  # the rows still decode together
+
+
 async def test_abatch_equals_one_by_one(llm):
     prompts = ["Hi", "Tell me a long story about dragons", "你好"]
     alone = [llm.invoke(p).content for p in prompts]
@@ -311,11 +331,19 @@ def test_bad_parameters_are_rejected_at_construction(kwargs, message):
         ({"seed": "abc"}, "seed must be an integer"),
         ({"max_new_tokens": 5}, "Unknown call argument"),
         ({"stop": "ab"}, "stop must be a list of strings"),
+        ({"top_k": 10**400}, "top_k must be at most the vocabulary size \\d+, got 1000"),
+        ({"temperature": 10**400}, "temperature must be a finite number, got 1000"),
+        ({"model_max_length": "abc"}, "model_max_length must be an integer >= 1, got 'abc'"),
+        ({"model_kwargs": None}, None),
     ],
 )
 def test_bad_per_call_parameters_are_rejected_and_the_model_stays_usable(llm, kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        llm.invoke("hi", **kwargs)
+    # Before: OverflowError, "invalid literal for int()", "'NoneType' object is not a mapping".
+    if message is None:  # None is "not set", as for every other argument
+        assert llm.invoke("hi", **kwargs).content is not None
+    else:
+        with pytest.raises((ValueError, TypeError), match=message):
+            llm.invoke("hi", **kwargs)
     assert llm.invoke("hi").usage_metadata["input_tokens"] > 0
 
 

@@ -61,17 +61,6 @@ def test_demo_command_runs_offline(tmp_path, capsys):
     assert (tmp_path / "demo" / "config.json").is_file()
 
 
-def test_quickstart_example_runs_with_demo_flag():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--demo"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "温故而知新" in result.stdout
-
-
 @pytest.mark.parametrize(
     "model, reason",
     [("/nonexistent/folder", "does not exist"), ("baichuan-inc/../../etc", "model id")],
@@ -111,7 +100,81 @@ def test_the_console_script_is_declared():
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["baichuan2"] == "langchain_baichuan2.__main__:main"
+    # Outside the package, so that Ctrl-C during the package's imports ends quietly.
+    assert pyproject["project"]["scripts"]["baichuan2"] == "langchain_baichuan2_cli:main"
+    shipped = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"]
+    assert "langchain_baichuan2_cli.py" in shipped
+
+
+def test_ctrl_c_during_the_imports_exits_130_without_a_traceback():
+    # The package's import is made slow, so that SIGINT surely arrives during it.
+    script = textwrap.dedent(
+        """
+        import sys, time
+
+        class SlowPackageImport:
+            def find_spec(self, name, path=None, target=None):
+                if name == "langchain_baichuan2":
+                    print("importing", flush=True)
+                    time.sleep(120)
+                return None
+
+        sys.meta_path.insert(0, SlowPackageImport())
+        sys.argv = ["baichuan2", "demo"]
+        from langchain_baichuan2_cli import main
+        sys.exit(main())
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "importing\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == ["interrupted"]
+
+
+def test_the_console_script_gives_ctrl_c_back_to_the_chat_after_the_imports(monkeypatch):
+    import langchain_baichuan2.__main__
+    import langchain_baichuan2_cli
+
+    seen = []
+    monkeypatch.setattr(
+        langchain_baichuan2.__main__, "main", lambda: seen.append(signal.getsignal(signal.SIGINT))
+    )
+    langchain_baichuan2_cli.main()
+    assert seen == [signal.default_int_handler]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("occupant", ["file in it", "file instead"])
+def test_demo_refuses_a_dir_that_is_not_new_or_empty(occupant, tmp_path, capsys):
+    folder = tmp_path / "demo"
+    if occupant == "file in it":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("keep me")
+    else:
+        folder.write_text("keep me")
+    assert main(["demo", "--dir", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("error: --dir") and "not an empty folder" in err[0]
+    kept = folder / "notes.txt" if occupant == "file in it" else folder
+    assert kept.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted({"demo", kept.name})
+
+
+def test_demo_writes_into_an_existing_empty_dir(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    assert (tmp_path / "config.json").is_file()
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

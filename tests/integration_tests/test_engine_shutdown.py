@@ -73,16 +73,16 @@ def test_no_request_is_accepted_after_shutdown(engine):
 def test_a_batch_that_ends_all_at_once_ends_without_an_error(engine, monkeypatch):
     import time
 
-    from langchain_baichuan2.engines import native
+    from langchain_baichuan2.engines.native.scheduler import Request
 
     sent = []
-    original = native._Request.send
+    original = Request.send
 
     def record(self, item):
         sent.append(item)
         original(self, item)
 
-    monkeypatch.setattr(native._Request, "send", record)
+    monkeypatch.setattr(Request, "send", record)
     list(engine.stream([195, 40, 41, 196], SamplingParams(max_new_tokens=3)))
     time.sleep(0.3)  # an error sent after the summary would arrive by now
     assert not [item for item in sent if isinstance(item, BaseException)]

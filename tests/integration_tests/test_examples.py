@@ -1,6 +1,8 @@
-"""The runnable examples work offline with --demo."""
+"""The runnable examples: offline with --demo, tidy afterwards, a help text per option."""
 
+import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SCRIPTS = ["quickstart.py", "agent.py", "rag.py"]
 
 _NO_FAISS = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None,
@@ -15,17 +18,43 @@ _NO_FAISS = pytest.mark.skipif(
 )
 
 
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}", EXAMPLES / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
-    [("agent.py", "[ai]"), pytest.param("rag.py", "回答 / Answer: ", marks=_NO_FAISS)],
+    [
+        ("quickstart.py", "Baichuan 2："),
+        ("agent.py", "[ai]"),
+        pytest.param("rag.py", "回答 / Answer: ", marks=_NO_FAISS),
+    ],
 )
-def test_example_runs_offline(script, expected):
+def test_example_runs_offline_and_removes_its_checkpoint(script, expected, tmp_path):
+    # The demo's temporary checkpoint goes to TMPDIR: each run used to leave one behind.
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--demo"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
     assert result.stdout.split(expected, 1)[1].splitlines()[0].strip(), "nothing after it"
+    assert not list(tmp_path.glob("baichuan2-*")), "the demo checkpoint was left behind"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_explains_every_option(script):
+    parser = _load(script).build_parser()
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert {"--model", "--demo"} <= {a.option_strings[-1] for a in options}
+    for option in options:
+        assert option.help and option.help.strip(), f"{script}: {option.option_strings} has no help"
+    shown = parser.format_help()  # what --help prints
+    for option in options:
+        assert option.option_strings[-1] in shown

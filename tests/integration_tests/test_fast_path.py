@@ -11,7 +11,7 @@ import torch
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines.base import SamplingParams, merge_chunks
 from langchain_baichuan2.engines.native import NativeEngine, engine_for
-from langchain_baichuan2.engines.slot_model import SlotModel
+from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
@@ -79,7 +79,7 @@ def test_compiled_step_gives_the_uncompiled_text_and_reports_its_compile_time(tm
     eager = ChatBaichuan2(**settings, compile=False)
     expected = [eager.invoke(p).content for p in prompts]
     compiled = ChatBaichuan2(**settings, compile=True)
-    with caplog.at_level(logging.INFO, logger="langchain_baichuan2.engines.slot_model"):
+    with caplog.at_level(logging.INFO, logger="langchain_baichuan2.engines.native.slot_model"):
         assert [compiled.invoke(p).content for p in prompts] == expected
         assert [m.content for m in compiled.batch(prompts)] == expected
     slot_model = engine_for(compiled.loaded_model()).slot_model

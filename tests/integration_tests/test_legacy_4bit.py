@@ -222,9 +222,9 @@ def test_loads_on_cuda_bit_identical_to_todays_layout(pair):
 
 
 def test_footprint_is_logged_once_and_counts_packed_weights(legacy_13b, caplog):
-    with caplog.at_level(logging.INFO, logger="langchain_baichuan2.loading"):
+    with caplog.at_level(logging.INFO, logger="langchain_baichuan2.loading.load"):
         loaded = load_model_and_tokenizer(legacy_13b)
-    lines = [r.getMessage() for r in caplog.records if r.name == "langchain_baichuan2.loading"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "langchain_baichuan2.loading.load"]
     assert len(lines) == 1 and "uint8" in lines[0]
     state = stored(legacy_13b)
     packed = sum(state[name + ".data"].numel() for name in quantized_names(legacy_13b))

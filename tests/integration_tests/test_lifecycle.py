@@ -4,11 +4,12 @@ import threading
 import time
 
 import pytest
+from pydantic import BaseModel
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines import native
-from langchain_baichuan2.engines.base import EngineStoppedError
-from langchain_baichuan2.loading import ModelUnloadedError, registry
+from langchain_baichuan2.errors import EngineStoppedError, ModelUnloadedError
+from langchain_baichuan2.loading import registry
 
 
 def engine_threads() -> list[threading.Thread]:
@@ -118,3 +119,74 @@ async def test_an_async_call_whose_engine_is_unloaded_before_it_starts_is_retrie
     monkeypatch.setattr(type(engine), "astream", unload_then_astream)
     assert (await llm.ainvoke("hello")).content == expected
     assert len(calls) == 2 and calls[0] is not calls[1]
+
+
+class City(BaseModel):
+    """A city."""
+
+    name: str
+
+
+@pytest.mark.parametrize(
+    "bind",
+    [
+        lambda llm: llm.bind_tools([City], tool_choice="any"),
+        lambda llm: llm.with_structured_output(City, include_raw=True),
+    ],
+    ids=["tool call", "structured output"],
+)
+def test_a_constrained_call_racing_unload_is_retried_like_a_plain_one(tiny_7b, monkeypatch, bind):
+    # The grammar compiler is fetched from the loaded model: a closed one raised
+    # ModelUnloadedError, which was not retried while a plain call was.
+    llm = ChatBaichuan2(model=str(tiny_7b), temperature=0, max_tokens=8, grammar_max_length=4)
+    runnable = bind(llm)
+    engine = llm.engine()
+    real_stream = type(engine).stream
+    calls = []
+
+    def unload_then_stream(self, prompt_ids, params):
+        calls.append(self)
+        if len(calls) == 1:
+            llm.unload()
+        return real_stream(self, prompt_ids, params)
+
+    monkeypatch.setattr(type(engine), "stream", unload_then_stream)
+    runnable.invoke("Which city?")  # answers, never ModelUnloadedError
+    assert len(calls) == 2 and calls[0] is not calls[1]
+
+
+def test_the_timeout_is_the_whole_calls_across_retries(tiny_7b, monkeypatch):
+    # Before, each retry got the full timeout: 2.0 s ended after 3.7 s across two tries.
+    llm = ChatBaichuan2(
+        model=str(tiny_7b),
+        temperature=0,
+        max_tokens=400,
+        model_kwargs={"min_new_tokens": 400},
+        timeout=1.5,
+    )
+    engine = llm.engine()
+    real_stream = type(engine).stream
+    timeouts = []
+
+    def stop_late_then_stream(self, prompt_ids, params):
+        timeouts.append(params.timeout)
+        if len(timeouts) == 1:
+            time.sleep(0.8)
+            raise EngineStoppedError("The engine stopped (simulated)")
+        return real_stream(self, prompt_ids, params)
+
+    embed = engine.model.model.embed_tokens
+    forward = embed.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)  # 400 tokens take 8 s: only the timeout ends the call
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(type(engine), "stream", stop_late_then_stream)
+    monkeypatch.setattr(embed, "forward", slow_forward)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="timeout=1.5 s"):
+        llm.invoke("hello")
+    elapsed = time.monotonic() - started
+    assert timeouts[0] <= 1.5 and timeouts[1] <= 1.5 - 0.8  # what is left of the call
+    assert elapsed < 2.1  # one limit for the whole call, not 0.8 + 1.5 s

@@ -316,14 +316,14 @@ def test_an_extra_tensor_is_a_checkpoint_error_naming_it(tiny_13b, tmp_path):
 
 @pytest.mark.parametrize("name", ["baichuan-inc/../../etc", "a/b/c", "../x", "no-slash"])
 def test_a_model_id_with_path_tricks_is_rejected_before_any_download(name, monkeypatch):
-    from langchain_baichuan2 import loading
+    from langchain_baichuan2.loading import sources
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(loading, "_download", no_download)
+    monkeypatch.setattr(sources, "_download", no_download)
     with pytest.raises(CheckpointError):
-        loading.resolve_model_path(name)
+        sources.resolve_model_path(name)
 
 
 def test_unknown_quantization_is_rejected(tiny_13b):

@@ -11,10 +11,9 @@ from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engines.base import Constraint
 from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.testing import make_tiny_checkpoint
-from langchain_baichuan2.tools import format_tools
+from langchain_baichuan2.tools import Constraint, format_tools
 
 from .tiny import picked_tokens
 

@@ -63,7 +63,7 @@ def test_after_warm_up_serving_compiles_nothing_and_the_buffers_never_grow(tmp_p
         engine.set_compile(True)
         torch._dynamo.reset()  # graphs of earlier tests with the same shapes would be reused
         before = counters["stats"]["unique_graphs"]
-        with caplog.at_level(logging.INFO, logger="langchain_baichuan2.engines.slot_model"):
+        with caplog.at_level(logging.INFO, logger="langchain_baichuan2.engines.native.slot_model"):
             seconds = engine.warm_up()
         assert seconds == slot_model.warmup_seconds and seconds > 0
         assert "Warmed up the Baichuan2 decode step" in caplog.text

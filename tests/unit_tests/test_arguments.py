@@ -101,3 +101,66 @@ def test_every_standard_langchain_parameter_is_accepted():
     assert "test" not in repr(llm)  # the key is a secret, never shown
     with pytest.raises(ValueError, match="max_retries"):
         ChatBaichuan2(model="folder", max_retries=-1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"max_tokens": 10**400}, "max_tokens must be below 2\\*\\*63, got 1000"),
+        ({"temperature": 10**400}, "temperature must be a finite number, got 1000"),
+        ({"model_max_length": "abc"}, "model_max_length must be an integer >= 1, got 'abc'"),
+        ({"model_max_length": True}, "model_max_length must be an integer >= 1, got True"),
+        ({"temperature": "0.5"}, "temperature must be a finite number, got str '0.5'"),
+        ({"temperature": True}, "temperature must be a finite number, got bool True"),
+        ({"model_kwargs": [1]}, "model_kwargs must be a dict of generate\\(\\) arguments"),
+    ],
+)
+def test_one_rule_names_the_argument_at_construction_and_per_call(arguments, message):
+    # Before: OverflowError, "invalid literal for int()", and "0.5" or True accepted
+    # by the constructor while refused per call.
+    with pytest.raises(ValueError, match=message):
+        ChatBaichuan2(model="/nonexistent/folder", **arguments)
+    llm = ChatBaichuan2(model="/nonexistent/folder")  # loading it would fail differently
+    with pytest.raises(ValueError, match=message):
+        llm.invoke("hi", **arguments)
+    with pytest.raises(ValueError, match=message):
+        llm.bind(**arguments)
+
+
+def test_model_kwargs_none_means_not_set_at_construction_and_per_call():
+    llm = ChatBaichuan2(model="/nonexistent/folder", model_kwargs=None)
+    assert llm.model_kwargs == {}
+    with pytest.raises(Exception) as raised:  # gets past the arguments to loading
+        llm.invoke("hi", model_kwargs=None)
+    assert "model_kwargs" not in str(raised.value) and "mapping" not in str(raised.value)
+
+
+VLLM_LIMIT = "temperature must be at most 2.0 on backend 'vllm' \\(vLLM's limit\\), got 2.5"
+
+
+def test_a_temperature_over_vllms_limit_is_refused_before_vllm_starts():
+    # Before, it was refused only at the first call, after a vLLM start of minutes.
+    with pytest.raises(ValueError, match=VLLM_LIMIT):
+        ChatBaichuan2(model="/nonexistent/folder", backend="vllm", temperature=2.5)
+    llm = ChatBaichuan2(model="/nonexistent/folder", backend="vllm")  # never started here
+    with pytest.raises(ValueError, match=VLLM_LIMIT):
+        llm.bind(temperature=2.5)
+    with pytest.raises(ValueError, match=VLLM_LIMIT):
+        llm.invoke("hi", temperature=2.5)
+    with pytest.raises(ValueError, match=VLLM_LIMIT):
+        llm.model_copy(update={"temperature": 2.5}).invoke("hi")
+    assert ChatBaichuan2(model="folder", backend="native", temperature=2.5).temperature == 2.5
+
+
+def test_backend_limits_are_data_each_engine_reads():
+    from langchain_baichuan2.engines.settings import NATIVE_LIMITS, VLLM_LIMITS, SamplingParams
+
+    assert VLLM_LIMITS.max_temperature == 2.0 and NATIVE_LIMITS.max_temperature is None
+    assert set(VLLM_LIMITS.extra_arguments) < set(NATIVE_LIMITS.extra_arguments)
+    params = SamplingParams(max_new_tokens=4, top_k=50, extra=(("suppress_tokens", [60]),))
+    with pytest.raises(ValueError, match="top_k must be at most the vocabulary size 40"):
+        NATIVE_LIMITS.check_request(params, vocab_size=40)
+    with pytest.raises(ValueError, match="suppress_tokens holds ids outside the vocabulary"):
+        NATIVE_LIMITS.check_request(params, vocab_size=55)
+    with pytest.raises(ValueError, match="Unsupported generate\\(\\) argument\\(s\\) suppress"):
+        VLLM_LIMITS.check_request(params, vocab_size=100)

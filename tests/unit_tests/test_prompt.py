@@ -1,4 +1,4 @@
-"""build_chat_prompt against prompts written out by hand from SPEC's "Chat prompt" rule.
+"""prompt.render against prompts written out by hand from SPEC's "Chat prompt" rule.
 
 The fake encoder maps each character c to ord(c) + 2000, so the expected ids below
 are written by hand: "a" 2097, "b" 2098, "c" 2099, "d" 2100, "e" 2101, "f" 2102,
@@ -17,8 +17,16 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from transformers import GenerationConfig
 
-from langchain_baichuan2.prompt import ChatPrompt, build_chat_prompt, message_text
+from langchain_baichuan2.prompt import (
+    ChatPrompt,
+    eos_token_ids,
+    message_text,
+    render,
+    role_token_ids,
+)
+from langchain_baichuan2.tools import json_system_text, tools_system_text
 
 U, A = 195, 196
 
@@ -30,9 +38,7 @@ class CharEncoder:
 
 
 def build(messages: list[BaseMessage], max_input: int = 100) -> ChatPrompt:
-    return build_chat_prompt(
-        messages, CharEncoder(), model_max_length=max_input + 10, max_new_tokens=10
-    )
+    return render(messages, CharEncoder(), model_max_length=max_input + 10, max_new_tokens=10)
 
 
 def test_single_turn_is_user_text_then_assistant_token():
@@ -242,21 +248,99 @@ def test_max_new_tokens_must_leave_room_for_the_prompt(max_new_tokens: int):
         rf"max_tokens \({max_new_tokens}\) leaves no room for the prompt in model_max_length \(10\)"
     )
     with pytest.raises(ValueError, match=msg):
-        build_chat_prompt(
+        render(
             [HumanMessage("a")], CharEncoder(), model_max_length=10, max_new_tokens=max_new_tokens
         )
 
 
-def test_role_token_ids_come_from_the_arguments():
-    prompt = build_chat_prompt(
+@pytest.mark.parametrize(
+    "generation_config",
+    [
+        {"user_token_id": 7, "assistant_token_id": 8},
+        GenerationConfig(user_token_id=7, assistant_token_id=8),
+    ],
+)
+def test_role_token_ids_come_from_the_generation_config(generation_config):
+    prompt = render(
         [HumanMessage("a"), AIMessage("b"), HumanMessage("c")],
         CharEncoder(),
+        generation_config,
         model_max_length=20,
         max_new_tokens=10,
-        user_token_id=7,
-        assistant_token_id=8,
     )
     assert prompt.input_ids == [7, 2097, 8, 2098, 7, 2099, 8]
+
+
+@pytest.mark.parametrize("generation_config", [None, {}, GenerationConfig()])
+def test_role_token_ids_default_to_195_and_196(generation_config):
+    assert role_token_ids(generation_config) == (195, 196)
+
+
+def test_without_a_length_no_round_is_dropped():
+    messages = [HumanMessage("a" * 50), AIMessage("b" * 50), HumanMessage("c")]
+    prompt = render(messages, CharEncoder())
+    assert len(prompt.input_ids) == 105  # 3 role tokens, 101 characters, the final one
+    assert (prompt.dropped_rounds, prompt.truncated) == (0, False)
+
+
+def test_without_the_generation_prompt_no_assistant_token_ends_the_prompt():
+    prompt = render([HumanMessage("a")], CharEncoder(), add_generation_prompt=False)
+    assert prompt.input_ids == [U, 2097]
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": "d", "parameters": {"type": "object"}},
+}
+
+
+def test_the_tools_text_goes_first_as_system_text():
+    prompt = render([SystemMessage("s"), HumanMessage("hi")], CharEncoder(), tools=[TOOL])
+    text = tools_system_text([TOOL], "en")
+    assert prompt.input_ids == [*CharEncoder().encode(f"{text}\ns", add_special_tokens=False),
+                                U, 2104, 2105, A]  # fmt: skip
+
+
+def test_the_tools_text_is_in_the_conversations_language():
+    prompt = render([HumanMessage("你好")], CharEncoder(), tools=[TOOL])
+    text = tools_system_text([TOOL], "zh")
+    assert prompt.input_ids[: len(text)] == CharEncoder().encode(text, add_special_tokens=False)
+
+
+def test_tool_choice_none_leaves_the_tools_out():
+    prompt = render([HumanMessage("hi")], CharEncoder(), tools=[TOOL], tool_choice="none")
+    assert prompt.input_ids == [U, 2104, 2105, A]
+
+
+@pytest.mark.parametrize("schema", [None, {"type": "object"}])
+def test_a_response_format_puts_the_json_text_first_instead_of_the_tools(schema):
+    prompt = render(
+        [HumanMessage("hi")], CharEncoder(), tools=[TOOL], response_format={"schema": schema}
+    )
+    text = json_system_text(schema, "en")
+    assert prompt.input_ids == [*CharEncoder().encode(text, add_special_tokens=False),
+                                U, 2104, 2105, A]  # fmt: skip
+
+
+class Tokenizer:
+    eos_token_id = 5
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "tokenizer", "expected"),
+    [
+        ({"eos_token_id": 7}, Tokenizer(), [7]),
+        (GenerationConfig(eos_token_id=[9, 7, 9]), None, [9, 7]),
+        ({"eos_token_id": []}, Tokenizer(), [5]),
+        (None, Tokenizer(), [5]),
+        ({}, None, [2]),
+        (GenerationConfig(), object(), [2]),
+    ],
+)
+def test_eos_comes_from_the_generation_config_then_the_tokenizer_then_2(
+    generation_config, tokenizer, expected
+):
+    assert eos_token_ids(generation_config, tokenizer) == expected
 
 
 class SentencePieceEncoder:
@@ -270,8 +354,6 @@ class SentencePieceEncoder:
 @pytest.mark.real_tokenizer
 def test_single_turn_with_the_real_tokenizer(real_tokenizer_model):
     encoder = SentencePieceEncoder(str(real_tokenizer_model))
-    prompt = build_chat_prompt(
-        [HumanMessage("你好")], encoder, model_max_length=4096, max_new_tokens=2048
-    )
+    prompt = render([HumanMessage("你好")], encoder, model_max_length=4096, max_new_tokens=2048)
     assert prompt.input_ids == [U, *encoder.sp.encode("你好"), A]
     assert prompt.input_ids == [U, 16829, A]

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from langchain_baichuan2.engines.base import SamplingParams
-from langchain_baichuan2.engines.sampling import (
+from langchain_baichuan2.engines.native.sampling import (
     RowSettings,
     apply_repetition_penalty,
     choose_tokens,

@@ -1,7 +1,9 @@
 """make_tiny_checkpoint writes the official Baichuan2 folder layout."""
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,18 @@ def test_half_dtype_is_stored_and_declared(tmp_path, weights):
 
 def test_no_python_files_in_the_folder(tiny_7b, tiny_13b):
     assert not list(tiny_7b.glob("*.py")) + list(tiny_13b.glob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_shards": 2}, {"weights": "bin"}, {"weights": "bin", "num_shards": 2}]
+)
+def test_every_file_gets_the_same_mode_as_any_new_file(tmp_path, kwargs):
+    # safetensors' save_file wrote the weights 0600 while the other files were 0644.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = make_tiny_checkpoint(tmp_path / "tiny", hidden_size=16, **kwargs)
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in folder.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_a_given_tokenizer_model_is_copied(official, tmp_path):

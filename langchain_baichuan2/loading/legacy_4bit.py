@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from bitsandbytes.functional import QuantState
 
-from langchain_baichuan2.loading import CheckpointError, expected_shapes
+from langchain_baichuan2.loading.checkpoint import CheckpointError, expected_shapes, read_bin
 from langchain_baichuan2.modeling import BaichuanConfig
 
 __all__ = ["QUANTIZED_LINEARS", "convert_legacy_4bit", "read_legacy_4bit"]
@@ -63,24 +63,6 @@ def _is_legacy(state: dict[str, Any]) -> bool:
     return any(key.endswith(_STATE) and isinstance(value, list) for key, value in state.items())
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """Unpickle a ``.bin`` with ``weights_only=True`` (tensors, lists, sizes and dtypes only).
-
-    The file is memory-mapped, so a 13B checkpoint is not read into memory twice.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        # torch's message suggests weights_only=False; name only what was refused.
-        lines = str(e).splitlines()
-        detail = next((line.strip() for line in lines if "WeightsUnpickler" in line), str(e))
-        msg = (
-            f"Could not read {path} safely: only tensors, lists, tuples, sizes and dtypes "
-            f"may be unpickled from a checkpoint ({type(e).__name__}: {detail})"
-        )
-        raise CheckpointError(msg) from e
-
-
 def read_legacy_4bit(
     files: Sequence[Path], config: BaichuanConfig
 ) -> dict[str, torch.Tensor] | None:
@@ -106,7 +88,7 @@ def read_legacy_4bit(
         return None
     state: dict[str, Any] = {}
     for path in files:
-        state.update(_load(path))
+        state.update(read_bin(path))
     if not _is_legacy(state):
         return None
     return convert_legacy_4bit(state, config, where=str(files[0].parent))

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from langchain_baichuan2.engines.slots import SlotCache, doubled_capacity
+from langchain_baichuan2.engines.native.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.modeling import BaichuanForCausalLM
 from langchain_baichuan2.modeling.modeling import alibi_bias, alibi_slopes
 from langchain_baichuan2.prefix_cache import LayerKV
@@ -122,7 +122,7 @@ class SlotModel:
         compile: Compile the decode step with ``torch.compile`` (falls back to the
             uncompiled step, with a warning, if compiling fails).
         max_length: Most positions a sequence may hold (the model's context).
-        max_bytes: Most bytes the key/value buffers may take.
+        max_bytes: Most bytes the key/value buffers (and stored prefixes) may take.
         max_rows: Most sequences the buffers may hold at once.
     """
 

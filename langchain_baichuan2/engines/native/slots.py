@@ -5,15 +5,19 @@ shape ``[rows, heads, length, head_dim]``; its token at position ``p`` keeps its
 ``keys[layer][slot, :, p]``. Sequences start at position 0 of their slot, so there is no
 padding and a token's position is its index. Joining or leaving the batch copies no
 keys or values: a new sequence takes the lowest free slot, an ended one frees it. The
-buffers grow (rows and length doubling, within the cache's limits) only when a
-sequence is given a slot that needs more than they hold; that copies once. Buffers
-made ``fixed`` never change shape (compiled graphs keep their addresses).
+buffers change shape only when a sequence is given a slot they cannot hold: they grow
+(rows and length doubling, within the ``KvBudget``), or, when the budget allows no
+more rows at their length but the taken slots need less, they re-shape to a shorter
+length with more rows (so one long request does not leave later ones running alone).
+That copies once. Buffers made ``fixed`` never change shape (compiled graphs keep
+their addresses).
 """
 
 from __future__ import annotations
 
 import torch
 
+from langchain_baichuan2.engines.native.budget import KvBudget
 from langchain_baichuan2.prefix_cache import LayerKV
 
 
@@ -34,8 +38,11 @@ class SlotCache:
         head_dim: Size of one head.
         dtype: Dtype of keys and values (the model's compute dtype).
         max_length: Most positions a row may hold (the model's context); None: no limit.
-        max_bytes: Most bytes all buffers together may take; None: no limit.
+        max_bytes: Most bytes the buffers (and stored prefixes) may take; None: no limit.
         max_rows: Most rows the buffers may have; None: no limit.
+
+    Attributes:
+        budget: The limits above, shared with the prefix cache (``KvBudget``).
     """
 
     SMALLEST_LENGTH = 256
@@ -57,12 +64,13 @@ class SlotCache:
         self.devices = devices
         # Bytes one position of one row takes over all layers (keys and values).
         self.position_bytes = 2 * len(devices) * heads * head_dim * dtype.itemsize
-        self.max_length = max_length
-        self.max_bytes = max_bytes
-        self.max_rows = max_rows
+        self.budget = KvBudget(
+            self.position_bytes, max_length=max_length, max_bytes=max_bytes, max_rows=max_rows
+        )
         self.keys: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
         self.values: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
         self._used: list[bool] = []
+        self._reserved: list[int] = []  # positions each taken slot may reach (0: free)
         self.length = 0  # positions each row holds
         self.fixed = False  # set by ``fix``: the shape never changes again
         # Bumped whenever the buffers are reallocated (compiled steps key on it).
@@ -81,12 +89,10 @@ class SlotCache:
     @property
     def longest(self) -> int | None:
         """Most positions one sequence can ever hold here (None: no limit)."""
-        limits = [self.max_length]
-        if self.max_bytes is not None:
-            limits.append(self.max_bytes // self.position_bytes)
+        longest = self.budget.longest
         if self.fixed:
-            limits.append(self.length)
-        return min((n for n in limits if n is not None), default=None)
+            return self.length if longest is None else min(longest, self.length)
+        return longest
 
     def _empty(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
         heads, head_dim = self.shape
@@ -98,9 +104,10 @@ class SlotCache:
     def _shape_for(self, rows: int, length: int) -> tuple[int, int] | None:
         """The buffers' shape once they hold ``rows`` x ``length``; None if they cannot.
 
-        Length doubles up to ``max_length``; rows double up to what ``max_rows`` and
-        ``max_bytes`` allow at that length (fewer rows than now when the length grows,
-        as long as every taken slot stays).
+        Length doubles up to the longest row allowed; rows double up to what the budget
+        allows at that length (fewer rows than now when the length grows, as long as
+        every taken slot stays). When that leaves too few rows, a shorter length that
+        still holds every taken slot's reservation is tried.
         """
         if rows <= self.rows and length <= self.length:
             return self.rows, self.length
@@ -111,18 +118,25 @@ class SlotCache:
         if length > self.length:
             new_length = doubled_capacity(length, max(self.length, self.SMALLEST_LENGTH))
             new_length = max(length, min(new_length, longest or new_length))
+        shape = self._rows_for(rows, new_length)
+        needed = max([length, *self._reserved])
+        shortest = doubled_capacity(needed, self.SMALLEST_LENGTH)
+        shortest = max(needed, min(shortest, longest or shortest))
+        if shape is None and shortest < new_length:
+            shape = self._rows_for(rows, shortest)
+        return shape
+
+    def _rows_for(self, rows: int, length: int) -> tuple[int, int] | None:
+        """Rows x ``length`` holding ``rows`` and every taken slot, if the budget allows."""
         new_rows = self.rows
         if rows > self.rows:
             new_rows = doubled_capacity(rows, max(self.rows, self.SMALLEST_ROWS))
-        limits = [self.max_rows]
-        if self.max_bytes is not None:
-            limits.append(self.max_bytes // (new_length * self.position_bytes))
-        limit = min((n for n in limits if n is not None), default=new_rows)
+        limit = self.budget.rows_at(length)
         taken = max((i + 1 for i, used in enumerate(self._used) if used), default=0)
-        new_rows = min(new_rows, limit)
+        new_rows = min(new_rows, limit if limit is not None else new_rows)
         if new_rows < max(rows, taken):
             return None
-        return new_rows, new_length
+        return new_rows, length
 
     def fits(self, length: int) -> bool:
         """Whether a new sequence of ``length`` positions can be given a slot now."""
@@ -137,11 +151,13 @@ class SlotCache:
         slot = self._free_slot()
         self.reserve(slot + 1, length)
         self._used[slot] = True
+        self._reserved[slot] = length
         return slot
 
     def release(self, slot: int) -> None:
         """Free ``slot`` for the next sequence (its contents are simply overwritten)."""
         self._used[slot] = False
+        self._reserved[slot] = 0
 
     def reserve(self, rows: int, length: int) -> None:
         """Grow the buffers (copying what they hold) to at least ``rows`` x ``length``.
@@ -169,35 +185,37 @@ class SlotCache:
         """
         if (rows, length) == (self.rows, self.length):
             return
-        grown = [
-            [self._empty(rows, length, old.device) for old in buffers]
-            for buffers in (self.keys, self.values)
-        ]
+        held = self.budget.slot_bytes
+        self.budget.claim(rows * length * self.position_bytes)  # stored prefixes make room
+        try:
+            grown = [
+                [self._empty(rows, length, old.device) for old in buffers]
+                for buffers in (self.keys, self.values)
+            ]
+        except BaseException:
+            self.budget.claim(held)
+            raise
         kept_rows, kept_length = min(rows, self.rows), min(length, self.length)
         for old_buffers, new_buffers in zip((self.keys, self.values), grown, strict=True):
             for old, new in zip(old_buffers, new_buffers, strict=True):
                 new[:kept_rows, :, :kept_length] = old[:kept_rows, :, :kept_length]
         self.keys, self.values = grown
         self._used = self._used[:rows] + [False] * (rows - self.rows)
+        self._reserved = self._reserved[:rows] + [0] * (rows - len(self._reserved))
         self.length = length
         self.generation += 1
 
     def fix(self) -> None:
-        """Size the buffers once at the largest shape the limits allow; never change it again.
+        """Size the buffers once at the largest shape the budget allows; never change it again.
 
-        Rows hold the longest sequence allowed; there are as many as ``max_rows`` and
-        ``max_bytes`` allow (at least one). No slot may be taken.
+        Rows hold the longest sequence allowed; there are as many as the budget allows
+        after the prefix cache's cap (at least one; see ``KvBudget.fixed_shape``). No
+        slot may be taken.
         """
-        longest = self.longest
-        if longest is None or (self.max_rows is None and self.max_bytes is None):
-            raise ValueError("Fixed slot buffers need a length limit and a row or byte limit")
-        limits = [self.max_rows]
-        if self.max_bytes is not None:
-            limits.append(self.max_bytes // (longest * self.position_bytes))
-        rows = max(1, min(n for n in limits if n is not None))
+        rows, length = self.budget.fixed_shape()
         if self.used:
             raise RuntimeError("The slot buffers can only be fixed while no slot is taken")
-        self.resize(rows, longest)
+        self.resize(rows, length)
         self.fixed = True
 
     def move_down(self, source: int, length: int) -> int:
@@ -212,6 +230,7 @@ class SlotCache:
             for buffer in buffers:
                 buffer[target, :, :length] = buffer[source, :, :length]
         self._used[target], self._used[source] = True, False
+        self._reserved[target], self._reserved[source] = self._reserved[source], 0
         return target
 
     def clear(self, slot: int) -> None:

@@ -1,0 +1,332 @@
+"""The running batch of the native engine: its rows, their text state, and one step.
+
+A row is one request being decoded: its slot, its ids, its own restrictions (grammar,
+processors, suppressed tokens) and its text (UTF-8 safe, stop strings held back). A
+step picks every row's next token (``sampling.py``), sends each row's text, drops the
+rows that ended and feeds the rest one token (``slot_model.py``). A row that fails
+(NaN, a rejected token, an impossible mask) fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from langchain_baichuan2.engines.base import GenerationChunk, OutputText
+from langchain_baichuan2.engines.native.limits import PROCESSORS
+from langchain_baichuan2.engines.native.sampling import RowSettings, apply_repetition_penalty
+from langchain_baichuan2.engines.native.slots import doubled_capacity
+from langchain_baichuan2.grammar import GrammarMask
+
+if TYPE_CHECKING:
+    from langchain_baichuan2.engines.native.scheduler import NativeEngine, Request
+
+logger = logging.getLogger(__name__)
+
+
+class Row:
+    """Decoding state of one request inside a running batch."""
+
+    def __init__(self, request: Request, engine: NativeEngine) -> None:
+        self.request = request
+        params = request.params
+        self.text = OutputText(engine.tokenizer, params, engine.eos_ids)
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0 and params.seed is not None:
+            self.generator = torch.Generator(device=engine.device).manual_seed(params.seed)
+        self.cached_tokens = 0
+        self.prompt_seconds = 0.0
+        self.started = time.perf_counter()
+        extra = dict(params.extra)
+        self.min_new_tokens = int(extra.pop("min_new_tokens", 0))
+        suppressed = list(extra.pop("suppress_tokens", []))
+        self.suppressed = (
+            torch.tensor(suppressed, dtype=torch.long, device=engine.device) if suppressed else None
+        )
+        self.processors = [PROCESSORS[name](value, engine.eos_ids) for name, value in extra.items()]
+        self.grammar = (
+            GrammarMask(request.grammar, engine.vocab_size, engine.device)
+            if request.grammar is not None
+            else None
+        )
+        self.slot = -1
+        self.ids = list(request.prompt_ids)  # the prompt, then every token picked
+        self.length = 0  # tokens whose keys/values are in the slot
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the row masks logits on every step (processors, suppression, grammar)."""
+        return bool(self.processors) or self.suppressed is not None or self.grammar is not None
+
+    @property
+    def generated(self) -> int:
+        """Tokens picked so far."""
+        return len(self.ids) - len(self.request.prompt_ids)
+
+    def summary(self) -> GenerationChunk:
+        """The final chunk: finish reason, measured counts and timings."""
+        return self.text.summary(
+            len(self.request.prompt_ids), self.cached_tokens, self.prompt_seconds, self.started
+        )
+
+
+def keep_for_reuse(engine: NativeEngine, ids: list[int], slot: int) -> None:
+    """Store the KV of ``ids`` (held in ``slot``) in the prefix cache, if memory allows.
+
+    Reuse is an optimization: out of memory here costs the cache entry, not a request.
+    """
+    try:
+        engine.prefix_cache.store(ids, engine.slot_model.read(slot, len(ids)))
+    except torch.OutOfMemoryError:
+        logger.warning("No memory to keep a prompt's key/value cache for reuse")
+
+
+@torch.inference_mode()
+def start_row(engine: NativeEngine, request: Request) -> tuple[Row, torch.Tensor]:
+    """Run one prompt into a free slot (reusing a cached prefix); return row, logits.
+
+    The slot is sized for the request's whole life (``request.reserved``).
+    """
+    row = Row(request, engine)
+    prompt = request.prompt_ids
+    reuse = request.params.reuse_prefix
+    reused, prefix_kv = engine.prefix_cache.lookup(prompt) if reuse else (0, None)
+    slots = engine.slot_model
+    with engine.loaded.lock:
+        row.slot = slots.acquire(request.reserved)
+        try:
+            start = time.perf_counter()
+            if prefix_kv is not None:
+                slots.write(row.slot, prefix_kv)
+            logits = slots.prefill(row.slot, prompt[reused:], reused)
+            if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
+                torch.cuda.synchronize(logits.device)
+            row.prompt_seconds = time.perf_counter() - start
+            if reuse:
+                keep_for_reuse(engine, prompt, row.slot)
+        except BaseException:
+            slots.cache.release(row.slot)
+            raise
+    row.length = len(prompt)
+    row.cached_tokens = reused
+    row.started = time.perf_counter()
+    return row, logits
+
+
+def _row_error(row: Row, excluded: int, overflowed: int) -> Exception | None:
+    """The error a row's sampling flags stand for, if any."""
+    if excluded:
+        return ValueError(
+            "every token is excluded (by the grammar and the generation "
+            "arguments together): nothing can be generated"
+        )
+    if overflowed:
+        params = row.request.params
+        return ValueError(
+            f"temperature={params.temperature} with repetition_penalty="
+            f"{params.repetition_penalty} overflows the logits of this request: "
+            "no valid probabilities to sample from"
+        )
+    return None
+
+
+class Batch:
+    """The running rows, the device tensors describing them, and their next-token logits.
+
+    Settings, slots and positions are tensors rebuilt only when a row joins, leaves or
+    moves; a step advances positions and appends the new tokens to the seen ids in place.
+    """
+
+    def __init__(self, engine: NativeEngine) -> None:
+        self.engine = engine
+        self.rows: list[Row] = []
+        device = engine.device
+        self.logits = torch.empty(0, engine.vocab_size, device=device)  # [B, V]
+        # Every id each row has fed or picked (for the repetition penalty), padded with
+        # the row's first id, which it has seen anyway: [B, capacity].
+        self.seen_ids = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self._refresh()
+
+    def _describe(
+        self, rows: list[Row]
+    ) -> tuple[RowSettings, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Settings, slot index, positions and seen counts of ``rows`` on the device."""
+        engine = self.engine
+        settings = RowSettings(
+            [row.request.params for row in rows],
+            [row.generator for row in rows],
+            engine.vocab_size,
+            engine.device,
+        )
+        return (
+            settings,
+            torch.tensor([r.slot for r in rows], device=engine.device),
+            torch.tensor([r.length for r in rows], device=engine.device),
+            torch.tensor([len(r.ids) for r in rows], device=engine.device),
+        )
+
+    def _refresh(self) -> None:
+        self.settings, self.slot_index, self.positions, self.seen_count = self._describe(self.rows)
+
+    def refresh_slots(self) -> None:
+        """Rebuild the slot index after rows moved to other slots."""
+        self.slot_index = torch.tensor([r.slot for r in self.rows], device=self.engine.device)
+
+    def _with_seen_capacity(self, length: int) -> torch.Tensor:
+        """The seen ids with room for ``length`` per row (doubling, padded with first ids)."""
+        capacity = doubled_capacity(length, self.seen_ids.shape[1])
+        if capacity == self.seen_ids.shape[1]:
+            return self.seen_ids
+        padding = self.seen_ids[:, :1].expand(-1, capacity - self.seen_ids.shape[1])
+        return torch.cat([self.seen_ids, padding], dim=1)
+
+    def add(self, row: Row, logits: torch.Tensor) -> None:
+        """Join a prefilled row; if that fails, the batch is left as it was.
+
+        The seen ids get room for every token the row may ever see, so they do not
+        grow while it decodes.
+        """
+        seen_ids = self._with_seen_capacity(row.request.reserved + 1)
+        seen = seen_ids.new_full((1, seen_ids.shape[1]), row.ids[0])
+        seen[0, : len(row.ids)] = torch.tensor(row.ids, device=self.engine.device)
+        rows = [*self.rows, row]
+        joined = torch.cat([self.logits, logits]), torch.cat([seen_ids, seen])
+        described = self._describe(rows)
+        self.rows, (self.logits, self.seen_ids) = rows, joined
+        self.settings, self.slot_index, self.positions, self.seen_count = described
+
+    def see(self, tokens: torch.Tensor) -> None:
+        """Append each row's picked token to its seen ids."""
+        self.seen_ids = self._with_seen_capacity(max(len(r.ids) for r in self.rows) + 1)
+        self.seen_ids.scatter_(1, self.seen_count[:, None], tokens[:, None])
+        self.seen_count += 1
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at ``index``."""
+        select = torch.tensor(index, dtype=torch.long, device=self.engine.device)
+        self.rows = [self.rows[i] for i in index]
+        self.logits, self.seen_ids = self.logits[select], self.seen_ids[select]
+        self._refresh()
+
+    def release(self) -> None:
+        """Free every row's slot (the batch is over)."""
+        for row in self.rows:
+            self.engine.slot_model.cache.release(row.slot)
+        self.rows = []
+
+    def _mask_row(self, row: Row, logits: torch.Tensor) -> None:
+        """Apply a row's own restrictions (min_new_tokens, processors, grammar) in place."""
+        if row.generated < row.min_new_tokens:
+            logits[0, self.engine.eos_index] = -math.inf
+        if row.suppressed is not None:
+            logits[0, row.suppressed] = -math.inf
+        if row.processors:
+            ids = torch.tensor([row.ids], device=self.engine.device)
+            for processor in row.processors:
+                logits[:] = processor(ids, logits)
+        if row.grammar is not None:
+            row.grammar.apply(logits)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Pick every row's next token, send the text, drop finished rows, advance.
+
+        A row ends at eos, a stop string, ``max_new_tokens`` or the context length
+        (``"length"``); a row whose logits hold NaN fails alone. An empty batch does
+        nothing.
+        """
+        engine, rows = self.engine, self.rows
+        if not rows:
+            return
+        produced_nan = self.logits.isnan().any(dim=-1)
+        logits = apply_repetition_penalty(self.logits, self.seen_ids, self.settings)
+        failed: dict[int, Exception] = {}
+        for i, row in enumerate(rows):
+            if row.restricted or row.generated < row.min_new_tokens:
+                try:
+                    self._mask_row(row, logits[i : i + 1])
+                except Exception as e:  # only this request fails; the batch goes on
+                    failed[i] = e
+                    logits[i] = 0.0  # a harmless row for the shared sampling below
+        picked = engine._pick(logits, rows, self.settings)
+        self.see(picked[0])
+        # The step's one wait for the device.
+        tokens, excluded, overflowed, nan = torch.cat([picked, produced_nan[None]]).tolist()
+        keep = []
+        cache = engine.slot_model.cache
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if nan[i]:
+                cache.clear(row.slot)  # masked NaN keys would still poison the slot's next user
+            if row.request.cancelled.is_set():
+                continue
+            if nan[i]:
+                row.request.send(
+                    FloatingPointError(
+                        "the model produced NaN logits for this request, so it was stopped "
+                        f"(dtype {engine.slot_model.dtype}; fp16 can overflow: try bfloat16 "
+                        "or float32)"
+                    )
+                )
+                continue
+            error = failed.get(i) or _row_error(row, excluded[i], overflowed[i])
+            if error is not None:
+                row.request.send(error)
+                continue
+            if row.grammar is not None and not row.grammar.accept(token):
+                row.request.send(RuntimeError(f"the grammar rejected token {token}"))
+                continue
+            row.ids.append(token)
+            chunks = [row.text.push(token)]
+            if row.text.finish_reason is None and len(row.ids) >= engine.context_length:
+                chunks.append(row.text.finish("length"))
+            for chunk in chunks:
+                if chunk is not None and (chunk.text or chunk.token_ids):
+                    row.request.send(chunk)
+            if row.text.finish_reason is None:
+                keep.append(i)
+                continue
+            if row.request.params.reuse_prefix:
+                keep_for_reuse(engine, row.ids[: row.length], row.slot)
+            row.request.send(row.summary())
+        for i, row in enumerate(rows):
+            if i not in keep:
+                cache.release(row.slot)
+        next_tokens = picked[0]
+        if len(keep) < len(rows):
+            self.keep(keep)
+            next_tokens = next_tokens[keep]
+            self._compact()
+        if not self.rows:
+            return
+        with engine.loaded.lock:
+            self.logits = engine.slot_model.decode(
+                [row.slot for row in self.rows],
+                max(row.length for row in self.rows) + 1,
+                self.slot_index,
+                next_tokens,
+                self.positions,
+            )
+        for row in self.rows:
+            row.length += 1
+        self.positions += 1
+
+    def _compact(self) -> None:
+        """Move rows down into freed slots when that shrinks the step's row bucket.
+
+        A step covers slots up to the highest taken one (rounded up to a power of two):
+        after rows end, the rows above the bucket their count needs move down (one
+        copy of each moved row's keys/values, never on an ordinary step).
+        """
+        bucket = doubled_capacity(len(self.rows))
+        movers = [row for row in self.rows if row.slot >= bucket]
+        if not movers:
+            return
+        engine = self.engine
+        with engine.loaded.lock:
+            for row in movers:
+                row.slot = engine.slot_model.cache.move_down(row.slot, row.length)
+        self.refresh_slots()
