@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import operator
+import sys
 import tempfile
 from datetime import date
 
@@ -119,4 +120,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from langchain_baichuan2 import CheckpointError, DownloadError
+
+    try:
+        main()
+    except (DownloadError, CheckpointError) as e:  # what to do, in one message
+        sys.exit(f"error: {e}")

@@ -6,6 +6,7 @@ python examples/quickstart.py --demo                # offline, tiny random check
 """
 
 import argparse
+import sys
 import tempfile
 
 from langchain_baichuan2 import ChatBaichuan2
@@ -59,4 +60,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from langchain_baichuan2 import CheckpointError, DownloadError
+
+    try:
+        main()
+    except (DownloadError, CheckpointError) as e:  # what to do, in one message
+        sys.exit(f"error: {e}")

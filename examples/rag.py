@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -218,4 +219,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from langchain_baichuan2 import CheckpointError, DownloadError
+
+    try:
+        main()
+    except (DownloadError, CheckpointError) as e:  # what to do, in one message
+        sys.exit(f"error: {e}")

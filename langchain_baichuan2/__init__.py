@@ -5,8 +5,8 @@ from importlib import metadata
 from langchain_baichuan2 import modeling  # noqa: F401  (registers "baichuan" with transformers)
 from langchain_baichuan2.chat_models import ChatBaichuan2
 from langchain_baichuan2.embeddings import Baichuan2Embeddings
-from langchain_baichuan2.engines.base import EngineStoppedError
-from langchain_baichuan2.loading import CheckpointError
+from langchain_baichuan2.errors import EngineStoppedError
+from langchain_baichuan2.loading import CheckpointError, DownloadError
 
 try:
     __version__ = metadata.version(__package__ or "langchain-baichuan2")
@@ -17,6 +17,7 @@ __all__ = [
     "Baichuan2Embeddings",
     "ChatBaichuan2",
     "CheckpointError",
+    "DownloadError",
     "EngineStoppedError",
     "__version__",
 ]

@@ -58,3 +58,26 @@ def test_help_explains_every_option(script):
     shown = parser.format_help()  # what --help prints
     for option in options:
         assert option.option_strings[-1] in shown
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_model_id_offline_without_a_cache_is_one_message_not_a_traceback(script, tmp_path):
+    # With no copy in either cache and the offline variable set, nothing can be fetched:
+    # the example used to print a ~50-line traceback.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "MODELSCOPE_CACHE": str(tmp_path / "ms"),
+    }
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--model", "baichuan-inc/Baichuan2-7B-Chat"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr
