@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
@@ -45,6 +47,12 @@ from langchain_baichuan2.chat_output import (
 from langchain_baichuan2.engines import settings
 from langchain_baichuan2.grammar import bound_lengths
 from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.loading.adapters import (
+    adapter_base_model,
+    adapter_key,
+    is_adapter_folder,
+    resolve_adapter_path,
+)
 from langchain_baichuan2.prompt import literal_text_encoder, render
 from langchain_baichuan2.tools import (
     Constraint,
@@ -54,6 +62,24 @@ from langchain_baichuan2.tools import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _base_of_adapter_folder(values: Any) -> Any:
+    """``model=<adapter folder>``: the base its ``adapter_config.json`` names, that adapter."""
+    if not isinstance(values, dict):
+        return values
+    key = "model" if "model" in values else "model_name"
+    folder = values.get(key)
+    if not isinstance(folder, str) or not is_adapter_folder(folder):
+        return values
+    base = adapter_base_model(folder)
+    if not base:
+        msg = f"{folder}/adapter_config.json names no base_model_name_or_path: pass model=<base>"
+        raise ValueError(msg)
+    if values.get("adapter") is not None:
+        msg = f"model={folder!r} is an adapter folder; do not pass adapter= as well"
+        raise ValueError(msg)
+    return {**values, key: base, "adapter": folder}
 
 
 # Per-call arguments `_prepare` understands (``invoke(..., temperature=0.5)``); the
@@ -72,6 +98,7 @@ _CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
     "model",
     "model_kwargs",
     "timeout",
+    "adapter",
 }
 
 
@@ -292,6 +319,20 @@ class ChatBaichuan2(BaseChatModel):
     """Progress bars while downloading and loading weights. Default None: shown in a
     terminal or notebook, hidden when output is not interactive."""
 
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """Named PEFT LoRA adapters, ``{name: folder or ModelScope/Hub id}``, chosen per call
+    with ``invoke(..., adapter=name)`` or ``bind(adapter=name)``. Each loads on first
+    use and is shared by every object of the same model; ``unload()`` frees them."""
+
+    adapter: str | None = None
+    """The adapter of every call: a name in ``adapters``, or a folder or id. Default
+    None: the base model. ``model`` may also be an adapter folder: its
+    ``adapter_config.json`` names the base."""
+
+    merge_adapter: bool = False
+    """Fold ``adapter`` into the weights (native backend): full base speed, but a
+    model of its own (not shared with the base) that serves only this adapter."""
+
     streaming: bool = False
     """Whether ``invoke`` streams internally, so each token reaches ``on_llm_new_token``."""
 
@@ -314,7 +355,7 @@ class ChatBaichuan2(BaseChatModel):
     @classmethod
     def _check_arguments(cls, values: Any) -> Any:
         """Names, then values by the same rule as per-call arguments (``None``: not set)."""
-        values = reject_unknown_arguments(cls, values)
+        values = _base_of_adapter_folder(reject_unknown_arguments(cls, values))
         if isinstance(values, dict):
             try:
                 settings.check_values(values)
@@ -330,6 +371,9 @@ class ChatBaichuan2(BaseChatModel):
         spec = self._spec()
         spec.check()
         spec.limits.check(self.temperature, self.model_kwargs.items())
+        self._adapter_source(self.adapter)
+        if self.merge_adapter and self.adapter is None:
+            raise ValueError("merge_adapter=True needs an adapter to merge (adapter=...)")
         return self
 
     # -- LangChain identity ---------------------------------------------------------
@@ -364,6 +408,9 @@ class ChatBaichuan2(BaseChatModel):
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "vllm_kwargs": self.vllm_kwargs,
+            "adapters": self.adapters,
+            "adapter": self.adapter,
+            "merge_adapter": self.merge_adapter,
         }
         return params
 
@@ -388,7 +435,39 @@ class ChatBaichuan2(BaseChatModel):
 
     def _spec(self, model: str | None = None) -> engines.EngineSpec:
         """What picks this object's engine (``model``: a per-call model name)."""
-        return engines.EngineSpec.of(self, model)
+        spec = engines.EngineSpec.of(self, model)
+        if self.merge_adapter:
+            spec = replace(spec, merged_adapter=adapter_key(self._adapter_source(self.adapter)))
+        return spec
+
+    def _adapter_source(self, name: str | None) -> str | None:
+        """Where the adapter ``name`` comes from (a folder or id); nothing is read.
+
+        Raises:
+            ValueError: ``name`` is neither a name in ``adapters`` nor a folder or id.
+        """
+        if name is None or name in self.adapters:
+            return self.adapters.get(name) if name is not None else None
+        if "/" in name or Path(name).expanduser().is_dir():
+            return name
+        known = ", ".join(map(repr, self.adapters)) or "none (pass adapters={name: folder})"
+        raise ValueError(f"Unknown adapter {name!r}; known adapters: {known}")
+
+    def _adapter_folder(self, kwargs: dict[str, Any]) -> str | None:
+        """The resolved folder of a call's adapter (None: base, or merged into it)."""
+        name = kwargs.get("adapter", self.adapter)
+        if self.merge_adapter:
+            if name != self.adapter:
+                msg = (
+                    f"This model merges adapter {self.adapter!r} into its weights; a call "
+                    f"cannot choose another ({name!r}): use merge_adapter=False"
+                )
+                raise ValueError(msg)
+            return None
+        source = self._adapter_source(name)
+        if source is None:
+            return None
+        return str(resolve_adapter_path(source, source=self.source))
 
     def _settings(self) -> dict[str, Any]:
         """This object's sampling fields, by their names in ``settings.SETTING_NAMES``."""
@@ -446,6 +525,7 @@ class ChatBaichuan2(BaseChatModel):
             )
             raise ValueError(msg)
         spec = self._spec(kwargs.get("model"))
+        self._adapter_source(kwargs.get("adapter"))
         values = settings.merge(self._settings(), {**kwargs, "stop": stop})
         settings.check(values, spec.limits)
         return spec, values
@@ -455,6 +535,7 @@ class ChatBaichuan2(BaseChatModel):
     ) -> Call:
         """Resolve the model, the prompt ids and the sampling settings of one call."""
         spec, values = self._call_settings(stop, kwargs)
+        adapter = self._adapter_folder(kwargs)
         engine = engines.open(spec)
         tools = kwargs.get("tools") or []
         choice = normalize_tool_choice(
@@ -467,6 +548,7 @@ class ChatBaichuan2(BaseChatModel):
             values,
             constraint=constraint,
             reuse_prefix=self.prefix_cache_tokens > 0,
+            adapter=adapter,
         )
         context = int(values["model_max_length"] or engine.context_length)
         tokenizer = engine.tokenizer

@@ -17,6 +17,9 @@ from transformers import BitsAndBytesConfig
 from langchain_baichuan2 import engines
 from langchain_baichuan2.arguments import reject_unknown_arguments
 from langchain_baichuan2.loading import LOAD_SETTINGS, LoadedModel, progress_enabled
+from langchain_baichuan2.loading.adapters import resolve_adapter_path
+from langchain_baichuan2.loading.registry import shared_adapter
+from langchain_baichuan2.modeling import lora
 from langchain_baichuan2.prompt import eos_token_ids, literal_text_encoder
 
 if TYPE_CHECKING:
@@ -209,6 +212,10 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
     """Progress bars for loading the weights and for calls of more than one batch.
     None: only in a terminal or notebook (so not in CI or under pytest)."""
 
+    adapter: str | None = None
+    """A PEFT LoRA adapter (folder, ModelScope or Hub id) applied to every text; read
+    on first use and shared with the chat models of the same loaded model."""
+
     @classmethod
     def from_chat_model(cls, chat: ChatBaichuan2, **kwargs: Any) -> Baichuan2Embeddings:
         """Build embeddings that share ``chat``'s loaded model.
@@ -307,7 +314,12 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
             raise ValueError(msg)
 
     @torch.inference_mode()
-    def _embed_batch(self, loaded: LoadedModel, batch_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _embed_batch(
+        self,
+        loaded: LoadedModel,
+        batch_ids: Sequence[Sequence[int]],
+        adapter: lora.Adapter | None = None,
+    ) -> torch.Tensor:
         """Embed one batch of token id lists; returns ``[batch, hidden]`` fp32 on CPU."""
         decoder = loaded.model.model
         input_ids, mask = _right_padded(
@@ -317,7 +329,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         # never sees the pads after it, positions start at 0 for every row, and pad
         # outputs are excluded by the pooling. Skipping it also keeps the 13B (ALiBi)
         # mask at one [1, heads, L, L] tensor instead of one per text.
-        with loaded.lock:
+        with loaded.lock, lora.applied(loaded.model, adapter):
             out = decoder(
                 input_ids=input_ids,
                 attention_mask=None,
@@ -339,13 +351,17 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
             return []
         loaded = self.loaded_model()
         self._check_hidden_layer(loaded)
+        adapter = None
+        if self.adapter is not None:
+            folder = resolve_adapter_path(self.adapter, revision=None, source=self.source)
+            adapter = shared_adapter(loaded, str(folder))
         ids = self._tokenize(loaded, texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         show = progress_enabled(self.show_progress)
         bar = tqdm(batches, desc="Embedding", unit="batch", disable=not show or len(batches) < 2)
         sorted_vectors = torch.cat(
-            [self._embed_batch(loaded, [ids[i] for i in batch]) for batch in bar]
+            [self._embed_batch(loaded, [ids[i] for i in batch], adapter) for batch in bar]
         )
         vectors = torch.empty_like(sorted_vectors)
         vectors[torch.tensor(order)] = sorted_vectors

@@ -3,7 +3,8 @@
 ``make_tiny_checkpoint`` writes the same files an official release folder holds
 (configs, ``tokenizer.model``, weights under the official names and shard names)
 with a model small enough to run on a CPU in milliseconds. No Python file is
-written into the folder.
+written into the folder. ``make_tiny_adapter`` writes a LoRA adapter for one in
+PEFT's layout.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-__all__ = ["make_tiny_checkpoint", "make_tiny_legacy_4bit_checkpoint", "user_defined_pieces"]
+__all__ = [
+    "make_tiny_adapter",
+    "make_tiny_checkpoint",
+    "make_tiny_legacy_4bit_checkpoint",
+    "user_defined_pieces",
+]
 
 _AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
@@ -515,4 +521,84 @@ def make_tiny_legacy_4bit_checkpoint(
     keys.insert(keys.index("pad_token_id") + 1, "quantization_config")
     config["quantization_config"] = _LEGACY_4BIT_QUANTIZATION
     _write_json(folder / "config.json", {key: config[key] for key in keys})
+    return folder
+
+
+# The LoRA targets, with the submodule and (out, in) sizes of each (h: hidden, i: MLP).
+_LORA_SHAPES = {
+    "W_pack": ("self_attn", "3h", "h"),
+    "o_proj": ("self_attn", "h", "h"),
+    "gate_proj": ("mlp", "i", "h"),
+    "up_proj": ("mlp", "i", "h"),
+    "down_proj": ("mlp", "h", "i"),
+}
+
+
+def make_tiny_adapter(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    target_modules: tuple[str, ...] | list[str] = ("W_pack",),
+    r: int = 1,
+    *,
+    lora_alpha: float = 32,
+    use_rslora: bool = False,
+    weights: Literal["safetensors", "bin"] = "safetensors",
+    std: float = 0.05,
+    seed: int = 0,
+) -> Path:
+    """Write a random LoRA adapter for ``checkpoint`` in PEFT's folder layout.
+
+    ``adapter_config.json`` as PEFT writes it (``peft_type`` LORA, the checkpoint as
+    ``base_model_name_or_path``) and ``adapter_model.safetensors`` (or ``.bin``) under
+    PEFT's names (``base_model.model.model.layers.N.self_attn.W_pack.lora_A.weight``).
+    Both ``A`` and ``B`` are random and non-zero, so the adapter changes the output.
+    The defaults are the official fine-tune script's (``W_pack``, r=1, alpha 32).
+
+    Returns:
+        The adapter folder.
+    """
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    sizes = {"h": config["hidden_size"], "3h": 3 * config["hidden_size"]}
+    sizes["i"] = config["intermediate_size"]
+    unknown = sorted(set(target_modules) - set(_LORA_SHAPES))
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown}; known: {list(_LORA_SHAPES)}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module in target_modules:
+            parent, out_size, in_size = _LORA_SHAPES[module]
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            for half, shape in (("A", (r, sizes[in_size])), ("B", (sizes[out_size], r))):
+                tensor = torch.randn(shape, generator=generator) * std
+                tensors[f"{prefix}.lora_{half}.weight"] = tensor
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights == "bin":
+        torch.save(tensors, folder / "adapter_model.bin")
+    else:
+        (folder / "adapter_model.safetensors").write_bytes(safetensors_bytes(tensors))
+    adapter_config: dict[str, Any] = {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": str(checkpoint),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": 0.1,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": list(target_modules),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": use_rslora,
+    }
+    _write_json(folder / "adapter_config.json", adapter_config)
     return folder

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "native", "vllm"]
-_NATIVE_ONLY = ("quantization", "device_map", "compile", "kv_cache_bytes")
+_NATIVE_ONLY = ("quantization", "device_map", "compile", "kv_cache_bytes", "merged_adapter")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ class EngineSpec:
     """The ``generate()`` arguments the model's fields ask for (``backend="auto"``
     runs natively when vLLM cannot apply them)."""
     show_progress: bool | None = None
+    merged_adapter: str | None = None
+    """Native only: a LoRA adapter (folder or id) folded into the weights (a model of
+    its own, not shared with the base)."""
+    lora_adapters: tuple[str, ...] = ()
+    """vLLM: the adapters (folders or ids) configured on the object; its engine starts
+    with LoRA enabled for them."""
 
     @classmethod
     def of(cls, obj: Any, model: str | None = None) -> EngineSpec:
@@ -80,12 +86,19 @@ class EngineSpec:
         values = {name: getattr(obj, name) for name in names if hasattr(obj, name)}
         values.setdefault("backend", "native")
         extra = tuple(getattr(obj, "model_kwargs", None) or ())
+        named = dict(getattr(obj, "adapters", None) or {})
+        chosen = getattr(obj, "adapter", None)
+        sources = {*named.values(), named.get(chosen, chosen)} - {None}
+        if getattr(obj, "merge_adapter", False):
+            sources = set(named.values())
+        values["lora_adapters"] = tuple(sorted(sources))
         return cls(model=model or obj.model, extra_arguments=extra, **values)
 
     @property
     def load_settings(self) -> dict[str, Any]:
-        """The settings that pick the loaded model (``LOAD_SETTINGS``)."""
-        return {name: getattr(self, name) for name in LOAD_SETTINGS}
+        """The settings that pick the loaded model (``LOAD_SETTINGS``, a merged adapter)."""
+        settings = {name: getattr(self, name) for name in LOAD_SETTINGS}
+        return {**settings, "merged_adapter": self.merged_adapter}
 
     def vllm_settings(self) -> list[str]:
         """The vLLM-only settings this spec sets."""
@@ -145,6 +158,7 @@ class EngineSpec:
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "vllm_kwargs": dict(self.vllm_kwargs),
+            "adapters": self.lora_adapters,
         }
 
 

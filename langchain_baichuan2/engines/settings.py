@@ -220,6 +220,10 @@ class SamplingParams:
     timeout: float | None = None
     """Seconds the whole request may take; then it is stopped and raises
     ``TimeoutError``. None: no limit."""
+    adapter: str | None = None
+    """The LoRA adapter of this request: the resolved local folder of a PEFT adapter
+    (``adapter_config.json`` and its weights; the same string for the same files).
+    None: the base model."""
 
     def __post_init__(self) -> None:
         check_values(
@@ -332,6 +336,7 @@ def resolve(
     *,
     constraint: Constraint | None = None,
     reuse_prefix: bool = True,
+    adapter: str | None = None,
 ) -> SamplingParams:
     """Layer checked settings (``merge``, ``check``) over the checkpoint's defaults.
 
@@ -356,4 +361,5 @@ def resolve(
         constraint=constraint,
         reuse_prefix=reuse_prefix,
         timeout=values.get("timeout"),
+        adapter=adapter,
     )

@@ -6,7 +6,9 @@ native engine: prompt ids as ``TokensPrompt``, our incremental detokenizing and
 stop strings (``OutputText``), the same grammar for tool calls and JSON (sent as
 EBNF to vLLM's xgrammar backend). vLLM's ``AsyncLLM`` lives on an event loop in a
 background thread, so sync and async callers, from any loop, can share it; leaving
-a stream early or cancelling its task aborts the vLLM request at once.
+a stream early or cancelling its task aborts the vLLM request at once. LoRA
+adapters configured on the model start the engine with vLLM's LoRA enabled; each
+request naming one sends a ``LoRARequest`` (one stable id per adapter folder).
 
 Nothing here imports vLLM until an engine is created.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import json
 import logging
 import os
@@ -49,6 +52,7 @@ from langchain_baichuan2.loading import (
     resolve_dtype,
     resolve_model_path,
 )
+from langchain_baichuan2.loading.adapters import read_adapter, resolve_adapter_path
 from langchain_baichuan2.modeling import BaichuanConfig, BaichuanTokenizer
 from langchain_baichuan2.prompt import eos_token_ids
 
@@ -70,6 +74,11 @@ _CHECKED = "baichuan2_checkpoint_checked"
 # What sets vLLM's log level; without any of them, a start logs only warnings and errors.
 _LOGGING_ARGS = ("log_level", "logging_config", "log_config_file")
 _LOGGING_VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH")
+# The ranks vLLM sizes its LoRA slots for (``max_lora_rank`` takes only these).
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# One LoRA slot more than adapters, never filled: vLLM's CPU LoRA ops (0.32) index the
+# slots with a row's adapter index, and a row without one (index -1) reads the last slot.
+_EMPTY_LORA_SLOTS = 1
 
 
 class VllmEngine(Engine):
@@ -82,6 +91,8 @@ class VllmEngine(Engine):
         dtype: ``"auto"`` (bfloat16 on GPU, float32 on CPU) or a dtype name.
         tensor_parallel_size: GPUs (or CPU sockets) each layer is split across.
         pipeline_parallel_size: Stages the layers are split into.
+        adapters: The adapter folders it serves (LoRA enabled by ``vllm_kwargs``);
+            empty: any adapter its LoRA slots fit.
         vllm_kwargs: Further ``AsyncEngineArgs`` (``gpu_memory_utilization``,
             ``max_model_len``, ``distributed_executor_backend="ray"``, ...). vLLM
             logs only warnings and errors unless ``log_level`` here, or
@@ -96,9 +107,11 @@ class VllmEngine(Engine):
         dtype: DType = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        adapters: tuple[str, ...] = (),
         vllm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.folder = folder
+        self.adapters = frozenset(adapters)
         self.tokenizer = BaichuanTokenizer.from_pretrained(folder)
         self.generation_config = GenerationConfig.from_pretrained(folder)
         self.context_length = config.context_length
@@ -123,6 +136,8 @@ class VllmEngine(Engine):
         ):
             args["log_level"] = "WARNING"  # vLLM passes it to its engine processes too
         self.max_rows = int(args.get("max_num_seqs") or 256)  # vLLM's default on a GPU
+        self.max_lora_rank = int(args.get("max_lora_rank") or 16) if args.get("enable_lora") else 0
+        self._config = config
         self._closed = False
         self._state_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -182,6 +197,34 @@ class VllmEngine(Engine):
         error.__cause__ = cause
         return error
 
+    def _lora_request(self, adapter: str | None) -> Any:
+        """The ``LoRARequest`` of an adapter folder (None: the base model).
+
+        Raises:
+            ValueError: The engine was started without LoRA, or with smaller slots.
+            CheckpointError: The adapter is not one this model can serve (named).
+        """
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        rank = adapter_rank(Path(adapter), self.folder, self._config)
+        if not self.max_lora_rank or (self.adapters and adapter not in self.adapters):
+            started = "with other adapters" if self.max_lora_rank else "without LoRA"
+            msg = (
+                f"Adapter {adapter} asked of a vLLM engine started {started}: name it in "
+                "adapters= (or adapter=) of the model, so that its engine serves it"
+            )
+            raise ValueError(msg)
+        if rank > self.max_lora_rank:
+            msg = (
+                f"Adapter {adapter} has rank {rank}, above this vLLM engine's max_lora_rank "
+                f"{self.max_lora_rank}: name it in adapters= of the model (or raise "
+                "max_lora_rank in vllm_kwargs)"
+            )
+            raise ValueError(msg)
+        return LoRARequest(adapter, _adapter_id(adapter), adapter)
+
     def _sampling_params(self, params: SamplingParams) -> Any:
         """Our sampling settings as vLLM's ``SamplingParams``; what vLLM cannot honour raises."""
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -214,6 +257,7 @@ class VllmEngine(Engine):
         prompt_ids: list[int],
         params: SamplingParams,
         vllm_params: Any,
+        lora: Any,
         emit: Callable[[GenerationChunk | BaseException], None],
     ) -> None:
         """Run one request on the engine loop, sending chunks (or its error) to ``emit``."""
@@ -228,7 +272,7 @@ class VllmEngine(Engine):
             (prompt,) = await self.llm.renderer.render_cmpl_async(
                 [TokensPrompt(prompt_token_ids=prompt_ids)]
             )
-            outputs = self.llm.generate(prompt, vllm_params, uuid.uuid4().hex)
+            outputs = self.llm.generate(prompt, vllm_params, uuid.uuid4().hex, lora_request=lora)
             try:
                 async for out in outputs:
                     if prompt_seconds is None:
@@ -275,8 +319,9 @@ class VllmEngine(Engine):
         """Yield text deltas, then a final chunk; closing the generator aborts the request."""
         deadline = deadline_of(params)
         vllm_params = self._sampling_params(params)  # here: a grammar never stalls the loop
+        lora = self._lora_request(params.adapter)
         inbox: queue.SimpleQueue[GenerationChunk | BaseException] = queue.SimpleQueue()
-        future = self._call(self._generate(list(prompt_ids), params, vllm_params, inbox.put))
+        future = self._call(self._generate(list(prompt_ids), params, vllm_params, lora, inbox.put))
         try:
             while True:
                 try:
@@ -306,7 +351,8 @@ class VllmEngine(Engine):
 
         started = loop.time()
         vllm_params = await asyncio.to_thread(self._sampling_params, params)
-        future = self._call(self._generate(list(prompt_ids), params, vllm_params, emit))
+        lora = await asyncio.to_thread(self._lora_request, params.adapter)
+        future = self._call(self._generate(list(prompt_ids), params, vllm_params, lora, emit))
         timer = timeout_timer(loop, started, params, inbox.put_nowait)
         try:
             while True:
@@ -378,10 +424,74 @@ _table_lock = threading.Lock()  # guards _lifecycle_locks, _folders and _configs
 # again without resolving, downloading or checking anything.
 _folders: dict[tuple[str, str | None, str], Path] = {}
 _configs: dict[Path, BaichuanConfig] = {}
+# Each adapter folder checked against a model (its rank), and its vLLM LoRA id.
+_adapter_ranks: dict[tuple[str, Path], int] = {}
+_adapter_ids: dict[str, int] = {}
+_next_adapter_id = itertools.count(1)
+# The LoRA engine arguments and resolved folders of a model's adapters, once read (so
+# shutdowns read nothing).
+_lora_args: dict[tuple[Path, tuple[str, ...]], tuple[dict[str, Any], tuple[str, ...]]] = {}
 
 
 class NativeOnlyCheckpoint(ValueError):
     """A checkpoint only the native backend loads (bitsandbytes, the Chat-4bits releases)."""
+
+
+def adapter_rank(adapter: Path, model: Path, config: BaichuanConfig) -> int:
+    """The rank of an adapter, checked once for the model (as the native backend does).
+
+    Raises:
+        CheckpointError: Anything in it the model cannot serve (DoRA, other modules,
+            another model's shapes, ...), named.
+    """
+    key = (str(adapter), model)
+    with _table_lock:
+        rank = _adapter_ranks.get(key)
+    if rank is None:
+        rank = read_adapter(adapter, config).rank
+        with _table_lock:
+            _adapter_ranks[key] = rank
+    return rank
+
+
+def _adapter_id(folder: str) -> int:
+    """The vLLM LoRA id of an adapter folder: the same for the process's whole life."""
+    with _table_lock:
+        if folder not in _adapter_ids:
+            _adapter_ids[folder] = next(_next_adapter_id)
+        return _adapter_ids[folder]
+
+
+def _lora_engine_args(
+    folder: Path, adapters: tuple[str, ...], source: Source
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``enable_lora`` with slots for ``adapters`` and their largest rank, and their folders.
+
+    No adapters: no LoRA arguments. One slot is left empty (``_EMPTY_LORA_SLOTS``).
+
+    Raises:
+        CheckpointError: An adapter is missing or one the model cannot serve.
+        ValueError: A rank above vLLM's largest LoRA slot.
+    """
+    if not adapters:
+        return {}, ()
+    where = (folder, adapters)
+    with _table_lock:
+        known = _lora_args.get(where)
+    if known is not None:
+        return known
+    config = _configs[folder]
+    folders = tuple(sorted({str(resolve_adapter_path(name, source=source)) for name in adapters}))
+    rank = max(adapter_rank(Path(adapter), folder, config) for adapter in folders)
+    slot = next((size for size in _LORA_RANKS if size >= rank), None)
+    if slot is None:
+        msg = f"An adapter of rank {rank}: vLLM serves LoRA ranks up to {_LORA_RANKS[-1]}"
+        raise ValueError(msg)
+    max_loras = len(folders) + _EMPTY_LORA_SLOTS
+    args = {"enable_lora": True, "max_lora_rank": slot, "max_loras": max_loras}
+    with _table_lock:
+        _lora_args[where] = (args, folders)
+    return args, folders
 
 
 def _lifecycle_lock(key: str) -> threading.Lock:
@@ -420,10 +530,13 @@ def vllm_engine_for(
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
+    adapters: tuple[str, ...] = (),
 ) -> VllmEngine:
     """The one vLLM engine for this model and configuration (started on first use).
 
-    An engine that died (its process exited, vLLM reported it dead) is shut down and
+    ``adapters`` (folders or ids) start it with LoRA enabled, its slots sized for
+    their largest rank (``vllm_kwargs`` may set ``max_lora_rank`` etc. itself). An
+    engine that died (its process exited, vLLM reported it dead) is shut down and
     replaced here, so one crash never makes every later call fail.
     """
     if not vllm_available():
@@ -433,7 +546,11 @@ def vllm_engine_for(
         )
         raise ImportError(msg)
     folder = _checked_folder(name, revision, source)
-    key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
+    lora, folders = _lora_engine_args(folder, tuple(sorted(adapters)), source)
+    vllm_kwargs = {**lora, **vllm_kwargs}
+    key = _engine_key(
+        folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs, folders
+    )
     with _lifecycle_lock(key):
         engine = _engines.get(key)
         if engine is not None:
@@ -451,6 +568,7 @@ def vllm_engine_for(
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
+            adapters=folders,
             vllm_kwargs=vllm_kwargs,
         )
         return engine
@@ -462,12 +580,13 @@ def _engine_key(
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
+    adapters: tuple[str, ...] = (),
 ) -> str:
     """The identity of an engine configuration (equal keys share one engine)."""
     resolved = str(resolve_dtype(dtype, on_gpu=torch.cuda.is_available()))
     return json.dumps(
         [str(folder.resolve()), resolved, tensor_parallel_size, pipeline_parallel_size]
-        + [vllm_kwargs],
+        + [vllm_kwargs, list(adapters)],
         sort_keys=True,
         default=str,
     )
@@ -482,6 +601,7 @@ def shutdown_vllm_engine(
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     vllm_kwargs: dict[str, Any],
+    adapters: tuple[str, ...] = (),
 ) -> bool:
     """Stop the engine of this configuration, if one runs; return whether one did.
 
@@ -489,9 +609,18 @@ def shutdown_vllm_engine(
     """
     with _table_lock:
         folder = _folders.get((name, revision, source))
-    if folder is None:
+        known = _lora_args.get((folder, tuple(sorted(adapters)))) if folder else None
+    if folder is None or (adapters and known is None):
         return False
-    key = _engine_key(folder, dtype, tensor_parallel_size, pipeline_parallel_size, vllm_kwargs)
+    lora, folders = known or ({}, ())
+    key = _engine_key(
+        folder,
+        dtype,
+        tensor_parallel_size,
+        pipeline_parallel_size,
+        {**lora, **vllm_kwargs},
+        folders,
+    )
     return _shutdown(key)
 
 

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from transformers import BitsAndBytesConfig
 
+from langchain_baichuan2.loading.adapters import read_adapter, resolve_adapter_path
 from langchain_baichuan2.loading.load import LoadedModel, load_model_and_tokenizer, resolve_dtype
+from langchain_baichuan2.modeling.lora import Adapter, merge_adapter
 
 # The settings that decide which loaded model an object gets (besides the model name).
 LOAD_SETTINGS = ("revision", "source", "dtype", "device_map", "quantization")
@@ -54,6 +56,7 @@ class ModelRegistry:
             str(resolve_dtype(settings.get("dtype", "auto"), on_gpu=torch.cuda.is_available())),
             device,
             quant,
+            settings.get("merged_adapter"),
         )
 
     def get(
@@ -65,16 +68,20 @@ class ModelRegistry:
             name: A local folder or a model id.
             show_progress: Progress bars if it has to load (see ``load_model_and_tokenizer``).
             **settings: ``revision``, ``source``, ``dtype``, ``device_map``,
-                ``quantization``, as for ``load_model_and_tokenizer``.
+                ``quantization``, as for ``load_model_and_tokenizer``, and
+                ``merged_adapter``: a LoRA adapter (folder or id) folded into the weights.
         """
         key = self.key(name, settings)
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
+        merged = settings.pop("merged_adapter", None)
         with lock:  # one load per key, even when many threads ask at once
             if key not in self._models:
-                self._models[key] = load_model_and_tokenizer(
-                    name, show_progress=show_progress, **settings
-                )
+                loaded = load_model_and_tokenizer(name, show_progress=show_progress, **settings)
+                if merged is not None:
+                    folder = resolve_adapter_path(merged, source=settings.get("source", "auto"))
+                    merge_adapter(loaded.model, read_adapter(folder, loaded.model.config))
+                self._models[key] = loaded
             return self._models[key]
 
     def peek(self, name: str | Path, **settings: Any) -> LoadedModel | None:
@@ -105,3 +112,15 @@ class ModelRegistry:
 registry = ModelRegistry()
 # Stop worker threads before the interpreter tears native libraries down.
 atexit.register(registry.clear)
+
+
+def shared_adapter(loaded: LoadedModel, folder: str) -> Adapter:
+    """The LoRA adapter in ``folder``, read and checked once per loaded model.
+
+    Every object and engine of the model shares it; unloading the model frees it.
+
+    Raises:
+        CheckpointError: The adapter cannot be served on this model (named).
+    """
+    config = loaded.model.config
+    return loaded.shared(f"adapter:{folder}", lambda: read_adapter(Path(folder), config))

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -53,9 +54,15 @@ def offline_variable() -> str | None:
 
 
 def resolve_model_path(
-    name: str | Path, *, revision: str | None = None, source: Source = "auto"
+    name: str | Path,
+    *,
+    revision: str | None = None,
+    source: Source = "auto",
+    usable: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Return a local folder for ``name``: the folder itself, or a hub snapshot.
+
+    ``usable`` says whether a cached snapshot is complete (default: a model's files).
 
     Raises:
         ValueError: ``source`` is not one of ``SOURCES``.
@@ -77,13 +84,15 @@ def resolve_model_path(
             "'owner/name' (such as 'baichuan-inc/Baichuan2-7B-Chat')"
         )
         raise CheckpointError(msg)
-    return _download(str(name), revision, source)
+    return _download(str(name), revision, source, usable or _usable)
 
 
-def _download(name: str, revision: str | None, source: Source) -> Path:
+def _download(
+    name: str, revision: str | None, source: Source, usable: Callable[[Path], bool]
+) -> Path:
     """A cached snapshot of ``name``, else one downloaded from the first hub that answers."""
     hubs: list[str] = ["modelscope", "huggingface"] if source == "auto" else [str(source)]
-    cached = {hub: _cached(hub, name, revision) for hub in hubs}
+    cached = {hub: _cached(hub, name, revision, usable) for hub in hubs}
     offline = offline_variable()
     if offline is not None:
         for folder in cached.values():
@@ -136,7 +145,9 @@ def _usable(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "tokenizer.model").is_file()
 
 
-def _cached(hub: str, name: str, revision: str | None) -> Path | None:
+def _cached(
+    hub: str, name: str, revision: str | None, usable: Callable[[Path], bool] = _usable
+) -> Path | None:
     """The hub's cached snapshot of ``name`` (never touching the network), if usable."""
     try:
         if hub == "modelscope":
@@ -151,7 +162,7 @@ def _cached(hub: str, name: str, revision: str | None) -> Path | None:
             folder = hf_snapshot_download(name, revision=revision, local_files_only=True)
     except Exception:  # each hub has its own "not in the cache" error
         return None
-    return Path(folder) if _usable(Path(folder)) else None
+    return Path(folder) if usable(Path(folder)) else None
 
 
 def _endpoint(hub: str) -> str:

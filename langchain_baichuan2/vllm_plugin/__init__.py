@@ -9,11 +9,13 @@ become ``ChatBaichuan2``'s prompt ids (:mod:`.renderer`, tokenizer mode ``"baich
 chosen when ``--tokenizer-mode`` is ``auto``). The chat template shipped here
 (``CHAT_TEMPLATE``) renders the same roles as text; vLLM falls back to it when the HF
 renderer is chosen (``--tokenizer-mode hf``), where typed control-token strings in
-messages do become control tokens.
+messages do become control tokens. A PEFT LoRA adapter folder given as the model is
+refused naming its base and the flags that serve it (:func:`_refuse_adapter_folders`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,46 @@ def register() -> None:
     if get_chat_template_fallback_path("baichuan", "") != CHAT_TEMPLATE:
         register_chat_template_fallback_path("baichuan", CHAT_TEMPLATE)
     _use_native_tokenizer_info()
+    _refuse_adapter_folders()
+
+
+def adapter_folder_error(model: str) -> str | None:
+    """Why ``model`` cannot be served: a PEFT adapter folder (None: it is not one)."""
+    folder = Path(model).expanduser()
+    config = folder / "adapter_config.json"
+    if not config.is_file() or (folder / "config.json").is_file():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path") or "<base model>"
+    except (ValueError, AttributeError):
+        base = "<base model>"
+    return (
+        f"{model} is a PEFT LoRA adapter folder (adapter_config.json, no config.json), "
+        f"not a model: serve its base model with the adapter, e.g. vllm serve {base} "
+        f"--enable-lora --lora-modules {folder.resolve().name}={model}"
+    )
+
+
+def _refuse_adapter_folders() -> None:
+    """Make vLLM's config reading refuse an adapter folder with ``adapter_folder_error``.
+
+    vLLM would report only a missing ``config.json``; this runs before any model
+    architecture (and so before this package's config hook) is known.
+    """
+    from vllm.config import model as model_config
+
+    generic = model_config.get_config
+    if getattr(generic, "baichuan2", False):
+        return
+
+    def get_config(model: Any, *args: Any, **kwargs: Any) -> Any:
+        error = adapter_folder_error(str(model))
+        if error is not None:
+            raise ValueError(error)
+        return generic(model, *args, **kwargs)
+
+    get_config.baichuan2 = True  # type: ignore[attr-defined]
+    model_config.get_config = get_config  # type: ignore[assignment]
 
 
 def _use_native_tokenizer_info() -> None:

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP, SupportsQuant
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
     is_pp_missing_parameter,
@@ -278,10 +278,21 @@ class BaichuanModel(nn.Module):
         return hidden_states
 
 
-class BaichuanForCausalLM(nn.Module, SupportsPP, SupportsQuant):
-    """Baichuan2 (NormHead) or Baichuan-1 (plain head), for vLLM (``architectures``)."""
+class BaichuanForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
+    """Baichuan2 (NormHead) or Baichuan-1 (plain head), for vLLM (``architectures``).
 
-    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    LoRA (``--enable-lora``): PEFT adapters on any of ``W_pack``, ``o_proj``,
+    ``gate_proj``, ``up_proj``, ``down_proj``. ``W_pack`` is one packed module of one
+    LoRA (B is ``[3 * hidden, r]``, split into q, k and v per rank); ``gate_proj`` and
+    ``up_proj`` are two LoRAs on the merged ``gate_up_proj``. No embedding modules:
+    vLLM refuses adapters on ``embed_tokens`` or ``lm_head`` (NormHead) by name.
+    """
+
+    packed_modules_mapping = {
+        "W_pack": ["W_pack"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    embedding_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

@@ -206,10 +206,10 @@ def test_out_of_memory_in_a_newcomers_prefill_fails_only_that_request(loaded, mo
     slot_model = type(engine.slot_model)
     original = slot_model.prefill
 
-    def prefill(self, slot, ids, start):
+    def prefill(self, slot, ids, start, *rest):
         if len(ids) == 33:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, slot, ids, start)
+        return original(self, slot, ids, start, *rest)
 
     monkeypatch.setattr(slot_model, "prefill", prefill)
     requests = [(prompt(20), params(40, forced=40)), (prompt(33), params(40, forced=40))]

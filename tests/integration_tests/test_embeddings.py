@@ -263,9 +263,9 @@ async def test_async_results_equal_the_sync_results(emb):
 async def test_async_embedding_does_not_block_the_event_loop(emb, monkeypatch):
     original = Baichuan2Embeddings._embed_batch
 
-    def slow_batch(self, loaded, batch_ids):
+    def slow_batch(self, loaded, batch_ids, *rest):
         time.sleep(0.05)  # a slow model: blocking here would freeze a blocked loop
-        return original(self, loaded, batch_ids)
+        return original(self, loaded, batch_ids, *rest)
 
     monkeypatch.setattr(Baichuan2Embeddings, "_embed_batch", slow_batch)
     ticks = 0

@@ -114,8 +114,8 @@ def test_a_first_row_that_fails_to_join_leaves_no_empty_batch_to_step(loaded, mo
     original = slot_model.prefill
     calls = {"n": 0}
 
-    def wrong_width(self, slot, ids, start):
-        logits = original(self, slot, ids, start)
+    def wrong_width(self, slot, ids, start, *rest):
+        logits = original(self, slot, ids, start, *rest)
         calls["n"] += 1
         return torch.cat([logits, logits[:, :1]], dim=1) if calls["n"] == 1 else logits
 

@@ -54,6 +54,10 @@ class Row:
             else None
         )
         self.slot = -1
+        # Its LoRA adapter's index (0: none); loaded when the request was checked.
+        self.adapter = engine.slot_model.lora.index_of(params.adapter)
+        # Keys/values depend on the adapter: only plain rows share prompts' caches.
+        self.reuse_prefix = params.reuse_prefix and not self.adapter
         self.ids = list(request.prompt_ids)  # the prompt, then every token picked
         self.length = 0  # tokens whose keys/values are in the slot
 
@@ -93,7 +97,7 @@ def start_row(engine: NativeEngine, request: Request) -> tuple[Row, torch.Tensor
     """
     row = Row(request, engine)
     prompt = request.prompt_ids
-    reuse = request.params.reuse_prefix
+    reuse = row.reuse_prefix
     reused, prefix_kv = engine.prefix_cache.lookup(prompt) if reuse else (0, None)
     slots = engine.slot_model
     with engine.loaded.lock:
@@ -102,7 +106,7 @@ def start_row(engine: NativeEngine, request: Request) -> tuple[Row, torch.Tensor
             start = time.perf_counter()
             if prefix_kv is not None:
                 slots.write(row.slot, prefix_kv)
-            logits = slots.prefill(row.slot, prompt[reused:], reused)
+            logits = slots.prefill(row.slot, prompt[reused:], reused, row.adapter)
             if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
                 torch.cuda.synchronize(logits.device)
             row.prompt_seconds = time.perf_counter() - start
@@ -149,12 +153,16 @@ class Batch:
         # Every id each row has fed or picked (for the repetition penalty), padded with
         # the row's first id, which it has seen anyway: [B, capacity].
         self.seen_ids = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.adapters: torch.Tensor | None = None  # each row's adapter index (set by _describe)
         self._refresh()
 
     def _describe(
         self, rows: list[Row]
     ) -> tuple[RowSettings, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Settings, slot index, positions and seen counts of ``rows`` on the device."""
+        """Settings, slot index, positions and seen counts of ``rows`` on the device.
+
+        Also sets the rows' adapter indices (None when no row has an adapter).
+        """
         engine = self.engine
         settings = RowSettings(
             [row.request.params for row in rows],
@@ -162,12 +170,15 @@ class Batch:
             engine.vocab_size,
             engine.device,
         )
-        return (
+        described = (
             settings,
             torch.tensor([r.slot for r in rows], device=engine.device),
             torch.tensor([r.length for r in rows], device=engine.device),
             torch.tensor([len(r.ids) for r in rows], device=engine.device),
         )
+        adapters = [r.adapter for r in rows]
+        self.adapters = torch.tensor(adapters, device=engine.device) if any(adapters) else None
+        return described
 
     def _refresh(self) -> None:
         self.settings, self.slot_index, self.positions, self.seen_count = self._describe(self.rows)
@@ -289,7 +300,7 @@ class Batch:
             if row.text.finish_reason is None:
                 keep.append(i)
                 continue
-            if row.request.params.reuse_prefix:
+            if row.reuse_prefix:
                 keep_for_reuse(engine, row.ids[: row.length], row.slot)
             row.request.send(row.summary())
         for i, row in enumerate(rows):
@@ -309,6 +320,7 @@ class Batch:
                 self.slot_index,
                 next_tokens,
                 self.positions,
+                self.adapters,
             )
         for row in self.rows:
             row.length += 1

@@ -47,6 +47,7 @@ from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.engines.native.warmup import WarmUp
 from langchain_baichuan2.grammar import GrammarCompiler
 from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.loading.registry import shared_adapter
 from langchain_baichuan2.prompt import eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -264,8 +265,10 @@ class NativeEngine(Engine):
                 self._lock.notify_all()
 
     def _compile(self, params: SamplingParams) -> Any:
-        """Check a request's settings; return its compiled grammar (or None)."""
+        """Check a request's settings and load its adapter; return its compiled grammar."""
         check_request(params, self.vocab_size)
+        if params.adapter is not None:
+            self.load_adapter(params.adapter)
         return self.grammar_compiler.compile(params.constraint) if params.constraint else None
 
     def _submit(
@@ -289,6 +292,17 @@ class NativeEngine(Engine):
                 group.deadline = time.monotonic() + self.GATHER_TIMEOUT
             self._lock.notify_all()
         return request
+
+    def load_adapter(self, folder: str) -> None:
+        """Serve the LoRA adapter in ``folder`` from now on (read once per loaded model).
+
+        Raises:
+            CheckpointError: The adapter cannot be served on this model (named); the
+                engine goes on serving everything else.
+        """
+        adapter = shared_adapter(self.loaded, folder)
+        with self.loaded.lock:
+            self.slot_model.add_adapter(adapter)
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:

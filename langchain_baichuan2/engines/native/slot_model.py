@@ -11,6 +11,10 @@ shape is a bucket: rows ``[:R]`` with R the highest taken slot rounded up to a p
 two, keys ``[:L]`` with L the longest row rounded up to 256 times a power of two, so
 a step costs what its rows need, not what the buffers hold. ``warm_up`` fixes the
 buffers and compiles every bucket before serving.
+
+LoRA adapters (``add_adapter``): each row has an adapter index (0: none); a step whose
+rows all have none runs exactly the plain path, otherwise each targeted linear adds
+every row's own delta (``modeling.lora.LoraRows``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from langchain_baichuan2.engines.native.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.modeling import BaichuanForCausalLM
+from langchain_baichuan2.modeling.lora import Adapter, LoraRows, LoraStack
 from langchain_baichuan2.modeling.modeling import alibi_bias, alibi_slopes
 from langchain_baichuan2.prefix_cache import LayerKV
 
@@ -152,6 +157,7 @@ class SlotModel:
             max_bytes=max_bytes,
             max_rows=max_rows,
         )
+        self.lora = LoraStack(devices)
         self.rotary = model.model.rotary_emb  # None for ALiBi
         self.slopes = alibi_slopes(self.heads).to(self.device)
         self.head = HeadProjection(model.lm_head)
@@ -159,6 +165,7 @@ class SlotModel:
         self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.compile = compile
         self.compile_failed = False  # set once compiling failed: never tried again
+        self.lora_compile_failed = False  # the same, for steps with adapters
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._compiled_shapes: set[tuple[int, int, int]] = set()
         self._views: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -198,11 +205,13 @@ class SlotModel:
         values: Sequence[torch.Tensor],
         cos_table: torch.Tensor,
         sin_table: torch.Tensor,
+        lora: LoraRows | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``[B, T, H]`` of ``ids`` at ``positions`` (both ``[B, T]``).
 
         ``keys``/``values`` are per-layer views ``[B, heads, L, D]`` of the rows' slots;
         the new tokens' keys/values are written into them at their positions first.
+        ``lora``: the rows' adapters (None: the plain model).
         """
         inner = self.model.model
         batch, seq = ids.shape
@@ -212,14 +221,19 @@ class SlotModel:
         rope = self.rotary is not None
         # ALiBi: the (empty) tables travel along unused.
         cos, sin = (cos_table[positions], sin_table[positions]) if rope else (cos_table, sin_table)
-        for layer, layer_keys, layer_values in zip(inner.layers, keys, values, strict=True):
+        for number, (layer, layer_keys, layer_values) in enumerate(
+            zip(inner.layers, keys, values, strict=True)
+        ):
             if hidden.device != layer_keys.device:  # the next device of a split model
                 device = layer_keys.device
                 hidden, mask, rows, positions, cos, sin = (
                     t.to(device) for t in (hidden, mask, rows, positions, cos, sin)
                 )
             attention = layer.self_attn
-            qkv = attention.W_pack(layer.input_layernorm(hidden))
+            normed = layer.input_layernorm(hidden)
+            qkv = attention.W_pack(normed)
+            if lora is not None:
+                qkv = lora.add(qkv, normed, number, "W_pack")
             qkv = qkv.view(batch, seq, 3, self.heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, T, D]
             if rope:
@@ -229,16 +243,41 @@ class SlotModel:
             attended = F.scaled_dot_product_attention(
                 query, layer_keys, layer_values, attn_mask=mask, scale=attention.scaling
             )
-            hidden = hidden + attention.o_proj(
-                attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
-            )
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            attended = attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim)
+            if lora is None:
+                hidden = hidden + attention.o_proj(attended)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                continue
+            hidden = hidden + lora.linear(attention.o_proj, attended, number, "o_proj")
+            hidden = hidden + lora.mlp(layer.mlp, layer.post_attention_layernorm(hidden), number)
         return inner.norm(hidden)
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int) -> torch.Tensor:
+    def add_adapter(self, adapter: Adapter) -> int:
+        """Serve ``adapter`` from now on (once); return its index for ``prefill``/``decode``.
+
+        The caller holds the model's lock (steps read the stacked weights).
+        """
+        config = self.model.config
+        h, i = config.hidden_size, config.intermediate_size
+        shapes = {
+            "W_pack": (3 * h, h),
+            "o_proj": (h, h),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
+        index = self.lora.add(adapter, shapes)
+        if self.device.type == "cuda":  # CUDA graphs read them in place, never copied
+            stacked = [t for pair in self.lora.stacks.values() for t in pair]
+            for tensor in [*stacked, *self.lora.scales]:
+                torch._dynamo.mark_static_address(tensor)
+        return index
+
+    def prefill(self, slot: int, ids: Sequence[int], start: int, adapter: int = 0) -> torch.Tensor:
         """Feed ``ids`` at positions ``start..``; return fp32 logits ``[1, V]`` of the last.
 
         Positions ``0..start-1`` of the slot must already hold the prefix's keys/values.
+        ``adapter``: the row's adapter index (0: none).
         The first prefill re-stores CPU fp32 weights (``store_layer_weights_transposed``).
         """
         if not self._laid_out:  # here, not when built: the caller holds the model's lock
@@ -251,7 +290,8 @@ class SlotModel:
         positions = torch.arange(start, end, device=self.device)[None]
         keys = [k[slot : slot + 1, :, :end] for k in self.cache.keys]
         values = [v[slot : slot + 1, :, :end] for v in self.cache.values]
-        hidden = self._hidden(ids_tensor, positions, keys, values, cos, sin)
+        lora = self.lora.rows(adapter)
+        hidden = self._hidden(ids_tensor, positions, keys, values, cos, sin, lora)
         return self.head(hidden[:, -1]).float().to(self.device)
 
     def decode(
@@ -261,6 +301,7 @@ class SlotModel:
         slot_index: torch.Tensor,
         tokens: torch.Tensor,
         positions: torch.Tensor,
+        adapters: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Feed one token per running sequence; return fp32 logits ``[B, V]``.
 
@@ -270,10 +311,13 @@ class SlotModel:
             slot_index: ``slots`` as a tensor on the model's device.
             tokens: Each row's new token, ``[B]``.
             positions: Each row's position for it (tokens already in its slot), ``[B]``.
+            adapters: Each row's adapter index, ``[B]``; None when no row has one.
         """
         self._reserve(max(slots) + 1, longest)
         cos, sin = self._rope_tables()
-        compiled = self.compile and not self.compile_failed  # read once: set elsewhere
+        # Read once (set elsewhere); a step with adapters compiles unless that failed.
+        compiled = self.compile and not self.compile_failed
+        compiled = compiled and (adapters is None or not self.lora_compile_failed)
         if compiled:
             low, high = 0, row_bucket(max(slots), self.cache.rows)
             keys, values = self._static_views(high, key_bucket(longest, self.cache.length))
@@ -286,7 +330,11 @@ class SlotModel:
         width = high - low
         ids = tokens.new_zeros(width, 1).index_copy_(0, local, tokens[:, None])
         where = positions.new_zeros(width, 1).index_copy_(0, local, positions[:, None])
-        arguments = (ids, where, keys, values, cos, sin)
+        lora = None
+        if adapters is not None:
+            index = adapters.new_zeros(width).index_copy_(0, local, adapters)
+            lora = self.lora.rows(index)
+        arguments = (ids, where, keys, values, cos, sin, lora)
         hidden = self._compiled_step(*arguments) if compiled else None
         if hidden is None:
             hidden = self._last_hidden(*arguments)
@@ -300,9 +348,10 @@ class SlotModel:
         values: list[torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
+        lora: LoraRows | None = None,
     ) -> torch.Tensor:
         """Hidden states ``[width, H]`` of a one-token step (the part that is compiled)."""
-        return self._hidden(ids, positions, keys, values, cos, sin)[:, 0]
+        return self._hidden(ids, positions, keys, values, cos, sin, lora)[:, 0]
 
     def _static_views(
         self, rows: int, length: int
@@ -334,12 +383,17 @@ class SlotModel:
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a compiler that cannot handle this model or machine
+            with_adapters = arguments[-1] is not None
             logger.warning(
-                "torch.compile failed (%s: %s); the Baichuan2 engine goes on uncompiled",
+                "torch.compile failed (%s: %s); the Baichuan2 engine goes on uncompiled%s",
                 type(e).__name__,
                 e,
+                " for steps with LoRA adapters" if with_adapters else "",
             )
-            self.compile_failed = True
+            if with_adapters:
+                self.lora_compile_failed = True
+            else:
+                self.compile_failed = True
             return None
 
     def _run_compiled(self, *arguments: Any) -> torch.Tensor:
