@@ -61,18 +61,9 @@ logger = logging.getLogger(__name__)
 _INTERNAL_ARGUMENTS = frozenset(
     {"tools", "tool_choice", "response_format", "ls_structured_output_format"}
 )
-_CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "max_tokens",
-    "seed",
-    "model_max_length",
-    "model",
-    "model_kwargs",
-    "timeout",
-}
+_CALL_ARGUMENTS = (
+    _INTERNAL_ARGUMENTS | {"model"} | (set(settings.SETTING_NAMES) - {"stop"})  # stop: its own
+)
 
 
 class ChatBaichuan2(BaseChatModel):
