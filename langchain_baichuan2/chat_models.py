@@ -87,19 +87,11 @@ def _base_of_adapter_folder(values: Any) -> Any:
 _INTERNAL_ARGUMENTS = frozenset(
     {"tools", "tool_choice", "response_format", "ls_structured_output_format"}
 )
-_CALL_ARGUMENTS = _INTERNAL_ARGUMENTS | {
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "max_tokens",
-    "seed",
-    "model_max_length",
-    "model",
-    "model_kwargs",
-    "timeout",
-    "adapter",
-}
+_CALL_ARGUMENTS = (
+    _INTERNAL_ARGUMENTS
+    | {"model", "adapter"}
+    | (set(settings.SETTING_NAMES) - {"stop"})  # stop: a parameter of its own
+)
 
 
 class ChatBaichuan2(BaseChatModel):

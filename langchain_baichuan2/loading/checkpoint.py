@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "check_tensor_names",
+    "raise_on_mismatch",
+    "weights_source",
     "expected_names",
     "expected_shapes",
     "read_bin",
@@ -257,6 +259,11 @@ def check_tensor_names(stored: Iterable[str], config: BaichuanConfig, where: str
         if not (config.position_embedding == "rope" and _ROPE_BUFFER.fullmatch(key))
         and not (quantized and _is_quantization_entry(key, weights))
     )
+    raise_on_mismatch(where, missing, unexpected)
+
+
+def raise_on_mismatch(where: str, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """Raise ``CheckpointError`` naming the missing and unexpected tensors, if any."""
     if not missing and not unexpected:
         return
     problems = []
@@ -270,6 +277,14 @@ def check_tensor_names(stored: Iterable[str], config: BaichuanConfig, where: str
         + ("..." if len(missing) > 8 or len(unexpected) > 8 else "")
     )
     raise CheckpointError(msg)
+
+
+def weights_source(model: str | Path) -> str:
+    """How errors name the weights of ``model``: the folder and its weight files."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return str(model)  # a model id: its files are elsewhere
+    return f"{folder} ({', '.join(path.name for path in weight_files(folder))})"
 
 
 def _check_tokenizer_size(folder: Path, config: BaichuanConfig) -> None:
@@ -328,5 +343,5 @@ def check_checkpoint(folder: Path) -> BaichuanConfig:
                 raise CheckpointError(msg)
             _check_shape(path, key, tensor[0], config)
             _check_float(path, key, tensor[1])
-    check_tensor_names(names, config, f"{folder} ({', '.join(path.name for path in files)})")
+    check_tensor_names(names, config, weights_source(folder))
     return config

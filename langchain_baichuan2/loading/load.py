@@ -25,9 +25,11 @@ from langchain_baichuan2.errors import ModelUnloadedError
 from langchain_baichuan2.loading.checkpoint import (
     CheckpointError,
     check_checkpoint,
+    raise_on_mismatch,
     read_bin,
     tokenizer_file,
     weight_files,
+    weights_source,
 )
 from langchain_baichuan2.loading.sources import Source, resolve_model_path
 from langchain_baichuan2.modeling import BaichuanForCausalLM, BaichuanTokenizer
@@ -298,20 +300,7 @@ def _check_every_weight_loaded(info: Mapping[str, Any], folder: Path) -> None:
     """
     missing = sorted(info.get("missing_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
-    if not missing and not unexpected:
-        return
-    files = ", ".join(path.name for path in weight_files(folder))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:8])}")
-    msg = (
-        f"The weights in {folder} ({files}) do not match config.json: "
-        + "; ".join(problems)
-        + ("..." if len(missing) > 8 or len(unexpected) > 8 else "")
-    )
-    raise CheckpointError(msg)
+    raise_on_mismatch(weights_source(folder), missing, unexpected)
 
 
 def _normalize_head_from_file(model: BaichuanForCausalLM, folder: Path) -> None:

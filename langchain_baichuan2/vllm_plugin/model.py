@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from itertools import islice
-from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
@@ -64,7 +63,7 @@ from vllm.sequence import IntermediateTensors
 from langchain_baichuan2.loading.checkpoint import (
     CheckpointError,
     check_tensor_names,
-    weight_files,
+    weights_source,
 )
 from langchain_baichuan2.modeling.configuration import ROPE_THETA, BaichuanConfig
 from langchain_baichuan2.modeling.modeling import alibi_slopes
@@ -394,7 +393,7 @@ class BaichuanForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
                     loaded.add(param_name)
         if self.quant_config is None:
             # Also allows what the folder check allows (Baichuan-1's RoPE buffers).
-            check_tensor_names(received, self.config, _weights_source(self.model_name))
+            check_tensor_names(received, self.config, weights_source(self.model_name))
         elif unknown:
             msg = (
                 f"The weights of {self.model_name} hold {len(unknown)} unexpected "
@@ -402,11 +401,3 @@ class BaichuanForCausalLM(nn.Module, SupportsLoRA, SupportsPP, SupportsQuant):
             )
             raise CheckpointError(msg)
         return loaded
-
-
-def _weights_source(model: str) -> str:
-    """The weights of ``model`` as ``check_checkpoint`` names them in its errors."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return model  # a model id: the workers downloaded it
-    return f"{folder} ({', '.join(path.name for path in weight_files(folder))})"

@@ -73,7 +73,7 @@ def test_no_request_is_accepted_after_shutdown(engine):
 def test_a_batch_that_ends_all_at_once_ends_without_an_error(engine, monkeypatch):
     import time
 
-    from langchain_baichuan2.engines.native.scheduler import Request
+    from langchain_baichuan2.engines.native.batch import Request
 
     sent = []
     original = Request.send

@@ -9,29 +9,89 @@ rows that ended and feeds the rest one token (``slot_model.py``). A row that fai
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import queue
+import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 from langchain_baichuan2.engines.base import GenerationChunk, OutputText
 from langchain_baichuan2.engines.native.limits import PROCESSORS
 from langchain_baichuan2.engines.native.sampling import RowSettings, apply_repetition_penalty
+from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.engines.native.slots import doubled_capacity
+from langchain_baichuan2.engines.settings import SamplingParams
 from langchain_baichuan2.grammar import GrammarMask
-
-if TYPE_CHECKING:
-    from langchain_baichuan2.engines.native.scheduler import NativeEngine, Request
+from langchain_baichuan2.loading import LoadedModel
+from langchain_baichuan2.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
+
+
+class EngineParts(Protocol):
+    """What rows and batches use of the engine that runs them (``scheduler.NativeEngine``)."""
+
+    loaded: LoadedModel
+    tokenizer: Any
+    device: torch.device
+    vocab_size: int
+    context_length: int
+    eos_ids: set[int]
+    eos_index: torch.Tensor
+    slot_model: SlotModel
+    prefix_cache: PrefixCache
+
+    def _pick(self, logits: torch.Tensor, rows: list[Row], settings: RowSettings) -> torch.Tensor:
+        """Choose each row's next token."""
+        ...
+
+
+class Request:
+    """One queued generation and the channel its chunks travel back on.
+
+    Sync callers read a thread-safe queue; async callers get an ``asyncio.Queue``
+    fed through their event loop, so waiting never occupies a thread.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        reserved: int,
+        grammar: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.reserved = reserved  # positions its slot holds: the prompt and every token
+        self.grammar = grammar  # the constraint compiled by xgrammar, or None
+        self.passed = 0  # times a later request was admitted while this one waited
+        self.cancelled = threading.Event()
+        self.loop = loop
+        self.outbox: queue.SimpleQueue | asyncio.Queue = (
+            asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        )
+
+    def send(self, item: GenerationChunk | BaseException) -> None:
+        """Hand the caller a chunk or an error (dropped if its event loop is gone)."""
+        if self.loop is None:
+            self.outbox.put_nowait(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self.cancelled.set()
 
 
 class Row:
     """Decoding state of one request inside a running batch."""
 
-    def __init__(self, request: Request, engine: NativeEngine) -> None:
+    def __init__(self, request: Request, engine: EngineParts) -> None:
         self.request = request
         params = request.params
         self.text = OutputText(engine.tokenizer, params, engine.eos_ids)
@@ -78,7 +138,7 @@ class Row:
         )
 
 
-def keep_for_reuse(engine: NativeEngine, ids: list[int], slot: int) -> None:
+def keep_for_reuse(engine: EngineParts, ids: list[int], slot: int) -> None:
     """Store the KV of ``ids`` (held in ``slot``) in the prefix cache, if memory allows.
 
     Reuse is an optimization: out of memory here costs the cache entry, not a request.
@@ -90,7 +150,7 @@ def keep_for_reuse(engine: NativeEngine, ids: list[int], slot: int) -> None:
 
 
 @torch.inference_mode()
-def start_row(engine: NativeEngine, request: Request) -> tuple[Row, torch.Tensor]:
+def start_row(engine: EngineParts, request: Request) -> tuple[Row, torch.Tensor]:
     """Run one prompt into a free slot (reusing a cached prefix); return row, logits.
 
     The slot is sized for the request's whole life (``request.reserved``).
@@ -145,7 +205,7 @@ class Batch:
     moves; a step advances positions and appends the new tokens to the seen ids in place.
     """
 
-    def __init__(self, engine: NativeEngine) -> None:
+    def __init__(self, engine: EngineParts) -> None:
         self.engine = engine
         self.rows: list[Row] = []
         device = engine.device

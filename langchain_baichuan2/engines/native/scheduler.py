@@ -39,7 +39,7 @@ from langchain_baichuan2.engines.base import (
     seconds_to_wait,
     timeout_timer,
 )
-from langchain_baichuan2.engines.native.batch import Batch, Row, start_row
+from langchain_baichuan2.engines.native.batch import Batch, Request, Row, start_row
 from langchain_baichuan2.engines.native.budget import DEFAULT_MAX_ROWS, default_kv_cache_bytes
 from langchain_baichuan2.engines.native.limits import check_request
 from langchain_baichuan2.engines.native.sampling import RowSettings, choose_tokens
@@ -73,43 +73,6 @@ class _Gather:
 _current_gather: contextvars.ContextVar[_Gather | None] = contextvars.ContextVar(
     "baichuan2_gather", default=None
 )
-
-
-class Request:
-    """One queued generation and the channel its chunks travel back on.
-
-    Sync callers read a thread-safe queue; async callers get an ``asyncio.Queue``
-    fed through their event loop, so waiting never occupies a thread.
-    """
-
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        params: SamplingParams,
-        reserved: int,
-        grammar: Any = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.reserved = reserved  # positions its slot holds: the prompt and every token
-        self.grammar = grammar  # the constraint compiled by xgrammar, or None
-        self.passed = 0  # times a later request was admitted while this one waited
-        self.cancelled = threading.Event()
-        self.loop = loop
-        self.outbox: queue.SimpleQueue | asyncio.Queue = (
-            asyncio.Queue() if loop is not None else queue.SimpleQueue()
-        )
-
-    def send(self, item: GenerationChunk | BaseException) -> None:
-        """Hand the caller a chunk or an error (dropped if its event loop is gone)."""
-        if self.loop is None:
-            self.outbox.put_nowait(item)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening
-            self.cancelled.set()
 
 
 class NativeEngine(Engine):
