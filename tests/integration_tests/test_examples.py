@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SCRIPTS = ["quickstart.py", "agent.py", "rag.py"]
+SCRIPTS = ["quickstart.py", "agent.py", "rag.py", "lora.py"]
 
 _NO_FAISS = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None,
@@ -31,6 +31,7 @@ def _load(script: str):
         ("quickstart.py", "Baichuan 2："),
         ("agent.py", "[ai]"),
         pytest.param("rag.py", "回答 / Answer: ", marks=_NO_FAISS),
+        ("lora.py", "['sql' merged into the weights]"),
     ],
 )
 def test_example_runs_offline_and_removes_its_checkpoint(script, expected, tmp_path):
@@ -46,6 +47,33 @@ def test_example_runs_offline_and_removes_its_checkpoint(script, expected, tmp_p
     assert expected in result.stdout
     assert result.stdout.split(expected, 1)[1].splitlines()[0].strip(), "nothing after it"
     assert not list(tmp_path.glob("baichuan2-*")), "the demo checkpoint was left behind"
+
+
+def test_lora_demo_gives_an_adapter_one_answer_however_it_is_chosen(tmp_path):
+    # Per call, bound and merged are three ways to one adapter: one greedy answer. The
+    # base model and the other adapter answer differently (their weights differ).
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lora.py"), "--demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    answers = dict(
+        line[1:].split("] ", 1) for line in result.stdout.splitlines() if line.startswith("[")
+    )
+    assert list(answers) == [
+        "base model",
+        "adapter='sql', per call",
+        "adapter='law', per call",
+        "bind(adapter='sql')",
+        "'sql' merged into the weights",
+    ]
+    sql = answers["adapter='sql', per call"]
+    assert answers["bind(adapter='sql')"] == sql
+    assert answers["'sql' merged into the weights"] == sql
+    assert len({answers["base model"], sql, answers["adapter='law', per call"]}) == 3
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
