@@ -124,8 +124,8 @@ def test_cpu_fp32_weights_are_relaid_out_without_changing_values(tmp_path):
     expected = full_forward_logits(model, ids)
     with torch.no_grad():
         SlotModel(model).prefill(0, ids, 0)
-    w_pack = model.model.layers[0].self_attn.W_pack.weight
-    assert not w_pack.is_contiguous() and w_pack.t().is_contiguous()
+    for weight in (model.model.layers[0].self_attn.W_pack.weight, model.lm_head.weight):
+        assert not weight.is_contiguous() and weight.t().is_contiguous()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     torch.testing.assert_close(full_forward_logits(model, ids), expected, rtol=1e-5, atol=1e-5)

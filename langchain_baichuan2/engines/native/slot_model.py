@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from langchain_baichuan2.engines.native.cpu_layout import HeadProjection, lay_out
 from langchain_baichuan2.engines.native.slots import SlotCache, doubled_capacity
 from langchain_baichuan2.modeling import BaichuanForCausalLM
 from langchain_baichuan2.modeling.lora import Adapter, LoraRows, LoraStack
@@ -65,55 +66,6 @@ def _layer_device(layer: nn.Module, default: torch.device) -> torch.device:
         return torch.device(hook_device)
     device = next(layer.parameters()).device
     return default if device.type == "meta" else device
-
-
-def _cpu_fp32(weight: torch.Tensor | None) -> bool:
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
-
-
-def store_layer_weights_transposed(model: BaichuanForCausalLM) -> None:
-    """On a CPU in fp32, keep each decoder linear's weight as a view of its transpose.
-
-    The values (and every result of ``linear``) are unchanged; only the memory order
-    is: BLAS reads a ``[in, out]`` matrix for one row of input ~1.6x faster than an
-    ``[out, in]`` one (decode is one row per sequence), and prefill gains too. Costs a
-    few rows of batched decode ~25%. Other devices, dtypes and quantized layers are
-    left alone.
-    """
-    for module in model.model.layers.modules():
-        if type(module) is nn.Linear and _cpu_fp32(module.weight):
-            weight = module.weight
-            if weight.is_contiguous():
-                weight.data = weight.data.t().contiguous().t()
-
-
-class HeadProjection:
-    """The language-model head, laid out for the CPU's matrix-vector kernels.
-
-    On a CPU, fp32 ``linear`` of one row against a 125,696 x H head runs at half the
-    memory bandwidth, and of a few rows at a quarter; ``x @ W.T`` with ``W.T`` stored
-    contiguously (one row: a second copy of the head) or ``W @ x.T`` (several rows)
-    read the head at full speed. Elsewhere (GPU, half precision, quantized heads) it
-    is the plain module.
-    """
-
-    def __init__(self, lm_head: nn.Module) -> None:
-        self.module = lm_head
-        weight = getattr(lm_head, "weight", None)
-        self.weight = weight if type(lm_head) is nn.Linear else None
-        self.by_layout = _cpu_fp32(self.weight)
-        self._transposed: torch.Tensor | None = None
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, V]`` of hidden states ``[B, H]``."""
-        if not self.by_layout or self.weight is None:
-            return self.module(hidden)
-        if hidden.shape[0] == 1:
-            if self._transposed is None:  # one extra copy of the head, made on first use
-                self._transposed = self.weight.t().contiguous()
-            return hidden @ self._transposed
-        # Contiguous: per-row kernels (xgrammar's mask) assume row-major logits.
-        return (self.weight @ hidden.T).T.contiguous()
 
 
 class SlotModel:
@@ -278,10 +230,10 @@ class SlotModel:
 
         Positions ``0..start-1`` of the slot must already hold the prefix's keys/values.
         ``adapter``: the row's adapter index (0: none).
-        The first prefill re-stores CPU fp32 weights (``store_layer_weights_transposed``).
+        The first prefill lays the weights out for the CPU (``cpu_layout.lay_out``).
         """
         if not self._laid_out:  # here, not when built: the caller holds the model's lock
-            store_layer_weights_transposed(self.model)
+            lay_out(self.model)
             self._laid_out = True
         end = start + len(ids)
         self._reserve(slot + 1, end)

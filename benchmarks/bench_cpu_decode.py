@@ -1,0 +1,249 @@
+"""CPU decode rates of the native engine (issue N), per dtype, against its baselines.
+
+The 7B-shaped random model (hidden 512, 4 layers, the real 125,696-piece vocabulary when
+``../shared`` has it), a ~1k-token prompt, greedy, ``--new-tokens`` per stream:
+
+- ``engine``: tok/s of ``ChatBaichuan2.stream`` at batch 1 (per token after the first
+  chunk) and of 8 concurrent streams (short prompts, wall clock), fp32 and bf16, against
+  transformers ``generate()`` of our ``BaichuanForCausalLM`` on the same weights (batch
+  1 after the same prompt; 8 rows of one short prompt), and against llama.cpp when
+  ``llama_cpp`` is importable (else reported as skipped);
+- ``head``: the vocabulary projection alone (125,696 x hidden) for 1 and 8 rows in the
+  candidate layouts and kernels, and the one ``cpu_layout`` chooses.
+
+Every table starts with the machine and its 1-minute load average.
+
+    python benchmarks/bench_cpu_decode.py [--part head|engine|all] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_fast_path import generate_rate, long_prompt
+from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
+
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.loading.checkpoint import read_config
+from langchain_baichuan2.modeling import BaichuanForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHORT = [f"Stream {i}: " + "tell me about the sea " * (i + 2) for i in range(8)]
+
+
+def machine() -> str:
+    """The CPU, its threads and the 1-minute load average now."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
+
+
+def best_ms(function: Callable[[], object], repeats: int = 20) -> float:
+    """Fastest of ``repeats`` calls, in milliseconds (after two warm-up calls)."""
+    function()
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+@torch.inference_mode()
+def head_table(vocab: int, hidden: int) -> None:
+    """Time the head product alone, per candidate, for 1 and 8 rows."""
+    from langchain_baichuan2.engines.native.cpu_layout import HeadProjection  # not in old trees
+
+    torch.manual_seed(0)
+    weight = torch.nn.functional.normalize(torch.randn(vocab, hidden), dim=-1)
+    transposed = weight.t().contiguous()
+    half = weight.bfloat16()
+    half_t = half.t().contiguous()
+
+    def reduce_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (x[:, None, :] * w.float()).sum(-1)
+
+    reduction = torch.compile(reduce_rows, dynamic=False)
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "fp32 x @ w.t() (linear, [out, in])": lambda x: torch.nn.functional.linear(x, weight),
+        "fp32 x @ w_t ([in, out] copy)": lambda x: x @ transposed,
+        "fp32 (w @ x.T).T ([out, in])": lambda x: (weight @ x.T).T.contiguous(),
+        "fp32 compiled reduction": lambda x: reduction(x, weight),
+        "bf16 linear (bf16 out)": lambda x: torch.nn.functional.linear(x.bfloat16(), half),
+        "bf16 x @ w_t (bf16 out)": lambda x: x.bfloat16() @ half_t,
+        "bf16 weights, compiled fp32 reduction": lambda x: reduction(x, half),
+    }
+    packs = {rows: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for rows in (1, 8)}
+    half_packs = {rows: torch.ops.mkldnn._reorder_linear_weight(half, rows) for rows in (1, 8)}
+    candidates["fp32 MKL prepacked (per row count)"] = lambda x: torch.ops.mkl._mkl_linear(
+        x, packs[x.shape[0]], weight, None, x.shape[0]
+    )
+    candidates["bf16 oneDNN prepacked (bf16 out)"] = lambda x: torch.ops.mkldnn._linear_pointwise(
+        x.bfloat16(), half_packs[x.shape[0]], None, "none", [], ""
+    )
+    for name, dtype in DTYPES.items():
+        model = torch.nn.Linear(hidden, vocab, bias=False, dtype=dtype)
+        model.weight.data.copy_(weight)
+        chosen = HeadProjection(model)
+        candidates[f"{name} chosen ({chosen.kernel})"] = lambda x, h=chosen, d=dtype: h(x.to(d))
+    print(f"head {vocab} x {hidden}; {machine()}")
+    print(f"{'kernel':44s} {'1 row ms':>9s} {'8 rows ms':>10s}")
+    one, eight = torch.randn(1, hidden), torch.randn(8, hidden)
+    for name, function in candidates.items():
+        try:
+            times = [best_ms(lambda f=function, x=x: f(x)) for x in (one, eight)]
+        except Exception as e:  # a compiler that cannot build the kernel here
+            print(f"{name:44s} failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        print(f"{name:44s} {times[0]:9.2f} {times[1]:10.2f}")
+    bound = weight.numel() * 4 / 23e9 * 1000
+    print(f"(reading the fp32 head once at 23 GB/s takes {bound:.1f} ms; bf16 half that)")
+
+
+@torch.inference_mode()
+def linear_table(hidden: int, layers: int) -> None:
+    """Time every decoder linear of ``layers`` layers (one step's products), per kernel."""
+    inner = hidden * 8 // 3 // 64 * 64
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (inner, hidden)]
+    shapes = (shapes + [(hidden, inner)]) * layers
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) / shape[1] ** 0.5 for shape in shapes]
+    halves = [w.bfloat16() for w in weights]
+    in_out = [w.t().contiguous().t() for w in weights]
+    packs = {r: [torch.ops.mkl._mkl_reorder_linear_weight(w, r) for w in weights] for r in (1, 8)}
+    half_packs = {
+        r: [torch.ops.mkldnn._reorder_linear_weight(w, r) for w in halves] for r in (1, 8)
+    }
+    linear = torch.nn.functional.linear
+
+    def each(function: Callable[[int, torch.Tensor], torch.Tensor]) -> Callable:
+        return lambda x: [function(i, x[:, : w.shape[1]]) for i, w in enumerate(weights)]
+
+    candidates = {
+        "fp32 linear [out, in]": each(lambda i, x: linear(x, weights[i])),
+        "fp32 linear [in, out] view": each(lambda i, x: linear(x, in_out[i])),
+        "fp32 MKL prepacked": each(
+            lambda i, x: torch.ops.mkl._mkl_linear(
+                x, packs[x.shape[0]][i], weights[i], None, x.shape[0]
+            )
+        ),
+        "bf16 linear": each(lambda i, x: linear(x, halves[i])),
+        "bf16 oneDNN prepacked": each(
+            lambda i, x: torch.ops.mkldnn._linear_pointwise(
+                x, half_packs[x.shape[0]][i], None, "none", [], ""
+            )
+        ),
+    }
+    print(f"decoder linears, {layers} layers of hidden {hidden}; {machine()}")
+    print(f"{'kernel':44s} {'1 row ms':>9s} {'8 rows ms':>10s}")
+    for name, function in candidates.items():
+        dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
+        x1, x8 = (torch.randn(r, inner).to(dtype) for r in (1, 8))
+        times = [best_ms(lambda f=function, x=x: f(x)) for x in (x1, x8)]
+        print(f"{name:44s} {times[0]:9.2f} {times[1]:10.2f}")
+
+
+def engine_rates(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, float | str]:
+    """Batch-1 decode tok/s after a long prompt, 8-stream tok/s, and the greedy text."""
+    llm = ChatBaichuan2(
+        model=str(folder),
+        backend="native",
+        temperature=0,
+        max_tokens=args.new_tokens,
+        model_kwargs={"min_new_tokens": args.new_tokens},  # random weights: fixed length
+        prefix_cache_tokens=0,
+        dtype="float32" if dtype == "fp32" else "bfloat16",
+        compile=args.compile,
+    )
+    llm.invoke("warm up")
+    prompt = long_prompt(llm, args.prompt_tokens)
+    runs = [timed_stream(llm, prompt) for _ in range(args.repeats)]
+    concurrent_throughput(llm, SHORT)  # warm-up
+    eight = max(concurrent_throughput(llm, SHORT)[0] for _ in range(args.repeats))
+    llm.unload()
+    return {"b1": max((r[2] - 1) / r[1] for r in runs), "b8": eight, "text": runs[0][3]}
+
+
+def generate_rates(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
+    """transformers ``generate()`` of our model: batch 1 after the prompt, 8 short rows."""
+    probe = ChatBaichuan2(model=str(folder), dtype="float32")
+    tokenizer = probe.loaded_model().tokenizer
+    penalty = probe.loaded_model().generation_config.repetition_penalty
+    ids = torch.tensor([tokenizer.encode(long_prompt(probe, args.prompt_tokens))])
+    probe.unload()
+    model = BaichuanForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+    model.generation_config.eos_token_id = None
+    b1 = generate_rate(model, ids, args.new_tokens, args.repeats, penalty)
+    rows = torch.tensor([tokenizer.encode(SHORT[3])] * 8)
+    b8 = 8 * generate_rate(model, rows, args.new_tokens, args.repeats, penalty)
+    return {"b1": b1, "b8": b8, "prompt": float(ids.shape[1])}
+
+
+def llama_cpp_note() -> str:
+    """Why llama.cpp is or is not in the table."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp: skipped (llama_cpp is not importable here)"
+    return "llama.cpp: llama_cpp is importable, but this script does not convert weights to GGUF"
+
+
+def main() -> None:
+    parser = decode_arguments(argparse.ArgumentParser())
+    parser.add_argument("--part", choices=["head", "engine", "all"], default="all")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--compile", action="store_true", help="engine: compiled step")
+    parser.add_argument("--freezing", action="store_true", help="inductor freezing on")
+    parser.add_argument("--no-generate", action="store_true", help="skip generate()")
+    parser.add_argument("--texts", type=Path, help="write each dtype's greedy text here (json)")
+    args = parser.parse_args()
+    if args.freezing:  # weights as constants: inductor prepacks them for oneDNN/MKL
+        torch._inductor.config.freezing = True
+    folder = bench_checkpoint(args, "cpu-decode")
+    if args.part in ("head", "all"):
+        head_table(read_config(folder).vocab_size, args.hidden)
+        linear_table(args.hidden, args.layers)
+    if args.part == "head":
+        return
+    print(
+        f"engine, hidden {args.hidden}, layers {args.layers}, compile {args.compile}, "
+        f"freezing {args.freezing}; prompt {args.prompt_tokens}, {args.new_tokens} new tokens"
+    )
+    print(f"{'':10s} {'b1 tok/s':>9s} {'8 streams':>10s} {'gen b1':>8s} {'gen 8':>8s}  load")
+    texts = {}
+    for dtype in args.dtypes.split(","):
+        ours = engine_rates(folder, dtype, args)
+        texts[dtype] = ours["text"]
+        load = os.getloadavg()[0]
+        theirs = (
+            {"b1": float("nan"), "b8": float("nan")}
+            if args.no_generate
+            else generate_rates(folder, dtype, args)
+        )
+        print(
+            f"{dtype:10s} {ours['b1']:9.2f} {ours['b8']:10.2f} {theirs['b1']:8.2f} "
+            f"{theirs['b8']:8.2f}  {load:.2f}/{os.getloadavg()[0]:.2f}"
+        )
+    if args.texts:
+        args.texts.write_text(json.dumps(texts))
+    if len(texts) == 2:
+        print(f"bf16 greedy text equals fp32's: {texts['fp32'] == texts['bf16']}")
+    print(llama_cpp_note())
+    print(machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The CPU weight layouts and head kernels (``cpu_layout``) against independent truths."""
+
+import pytest
+import torch
+from torch import nn
+
+from langchain_baichuan2.engines.native.cpu_layout import HeadProjection
+from langchain_baichuan2.engines.native.slot_model import SlotModel
+from langchain_baichuan2.loading import load_model_and_tokenizer
+from langchain_baichuan2.testing import make_tiny_checkpoint
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packing", ["oneDNN", "failing"])
+def test_the_head_gives_the_float64_product_for_1_to_16_rows(dtype, packing, monkeypatch, caplog):
+    if packing == "failing":  # a torch without oneDNN
+
+        def no_onednn(*args):
+            raise RuntimeError("no oneDNN here")
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_onednn)
+    torch.manual_seed(0)
+    head = nn.Linear(64, 3000, bias=False, dtype=dtype)
+    projection = HeadProjection(head)
+    weight = head.weight.double()
+    for rows in [1, 2, 3, 8, 16, 1]:  # back to 1: kernels made for other counts stay right
+        hidden = torch.randn(rows, 64).to(dtype)
+        with torch.inference_mode():
+            got = projection(hidden)
+        expected = hidden.double() @ weight.T
+        assert got.shape == (rows, 3000) and got.is_contiguous() and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+        else:  # bf16 logits, as the plain module gives them
+            torch.testing.assert_close(got, head(hidden), rtol=0, atol=0)
+    fallback = "blas" if dtype == torch.float32 else "linear"
+    assert projection.kernel == (fallback if packing == "failing" else "packed")
+    assert ("Packing the head for oneDNN failed" in caplog.text) == (packing == "failing")
+    torch.testing.assert_close(head.weight.double(), weight, rtol=0, atol=0)  # same values
+
+
+def full_forward_logits(model, ids):
+    """Next-token logits of ``ids`` from one forward pass without any cache."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+
+
+@pytest.fixture(scope="module", params=["7b", "13b"])
+def folder(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"layout-{request.param}")
+    return make_tiny_checkpoint(path, request.param, hidden_size=128)
+
+
+def decode_rows(model, prompts, steps):
+    """Greedy-decode ``prompts`` together in slots 0.. for ``steps``; logits of each step."""
+    slots = SlotModel(model)
+    rows = [(slots.cache.acquire(len(p) + steps), list(p)) for p in prompts]
+    seen = []
+    with torch.inference_mode():
+        logits = torch.cat([slots.prefill(slot, ids, 0) for slot, ids in rows])
+        for _ in range(steps):
+            seen.append(logits)
+            for (_, ids), row in zip(rows, logits, strict=True):
+                ids.append(int(row.argmax()))
+            lengths = [len(ids) - 1 for _, ids in rows]
+            logits = slots.decode(
+                [slot for slot, _ in rows],
+                max(lengths) + 1,
+                torch.tensor([slot for slot, _ in rows]),
+                torch.tensor([ids[-1] for _, ids in rows]),
+                torch.tensor(lengths),
+            )
+    return [ids for _, ids in rows], seen
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fp32_decode_gives_the_full_forward_logits(folder, batch):
+    model = load_model_and_tokenizer(folder, dtype="float32").model
+    prompts = [list(range(3 + 7 * row, 40 + 11 * row)) for row in range(batch)]
+    sequences, seen = decode_rows(model, prompts, steps=5)
+    for step, logits in enumerate(seen):
+        for row, ids in enumerate(sequences):
+            context = ids[: len(prompts[row]) + step]
+            expected = full_forward_logits(model, context)
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=1e-4)
+
+
+def test_bf16_decode_picks_the_full_forward_greedy_tokens(folder):
+    model = load_model_and_tokenizer(folder, dtype="bfloat16").model
+    prompts = [list(range(3 + 7 * row, 40 + 11 * row)) for row in range(8)]
+    sequences, seen = decode_rows(model, prompts, steps=4)
+    compared = 0
+    for step, logits in enumerate(seen):
+        for row, ids in enumerate(sequences):
+            expected = full_forward_logits(model, ids[: len(prompts[row]) + step])
+            top = expected.topk(2).values
+            if top[0] - top[1] > 0.1:  # beyond bf16's rounding of two different paths
+                assert int(logits[row].argmax()) == int(expected.argmax())
+                compared += 1
+            torch.testing.assert_close(logits[row], expected, rtol=0.05, atol=0.1)
+    assert compared >= len(seen) * 4
