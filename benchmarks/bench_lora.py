@@ -16,13 +16,11 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import bench_checkpoint, model_arguments, timed_stream
+from common import bench_checkpoint, model_arguments, streams_rate
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.testing import make_tiny_adapter
@@ -40,26 +38,6 @@ def chat(folder: Path, new_tokens: int, **kwargs: Any) -> ChatBaichuan2:
         prefix_cache_tokens=0,
         **kwargs,
     )
-
-
-def streams_rate(runnables: list[Any], prompts: list[str]) -> tuple[float, list[str]]:
-    """Tokens per second of ``prompts[i]`` streamed by ``runnables[i]``, all at once.
-
-    Only the first ``len(runnables)`` prompts are streamed.
-    """
-    results: dict[int, tuple[float, float, int, str]] = {}
-
-    def worker(i: int) -> None:
-        results[i] = timed_stream(runnables[i], prompts[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(runnables))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    return sum(r[2] for r in results.values()) / seconds, [results[i][3] for i in sorted(results)]
 
 
 def measure(

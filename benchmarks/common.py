@@ -7,7 +7,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.testing import make_tiny_checkpoint
@@ -90,12 +90,20 @@ def timed_stream(llm: ChatBaichuan2, prompt: str) -> tuple[float, float, int, st
 
 def concurrent_throughput(llm: ChatBaichuan2, prompts: list[str]) -> tuple[float, list[str]]:
     """Tokens per second of all ``prompts`` streamed at once, and their texts."""
+    return streams_rate([llm] * len(prompts), prompts)
+
+
+def streams_rate(runnables: list[Any], prompts: list[str]) -> tuple[float, list[str]]:
+    """Tokens per second of ``prompts[i]`` streamed by ``runnables[i]``, all at once.
+
+    Only the first ``len(runnables)`` prompts are streamed.
+    """
     results: dict[int, tuple[float, float, int, str]] = {}
 
     def worker(i: int) -> None:
-        results[i] = timed_stream(llm, prompts[i])
+        results[i] = timed_stream(runnables[i], prompts[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(runnables))]
     start = time.perf_counter()
     for t in threads:
         t.start()

@@ -1,6 +1,5 @@
 """Native admission: the context limit, the memory budget, out of memory and NaN."""
 
-import contextvars
 import threading
 
 import pytest
@@ -11,6 +10,8 @@ from langchain_baichuan2.engines.base import SamplingParams, merge_chunks
 from langchain_baichuan2.engines.native import NativeEngine
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
+
+from .tiny import run_together
 
 
 def params(new_tokens, forced=0, **kwargs):
@@ -47,28 +48,6 @@ def short_context(tmp_path_factory):
 @pytest.fixture
 def loaded(tiny_7b):
     return load_model_and_tokenizer(tiny_7b)
-
-
-def run_together(engine, requests):
-    """Stream every (ids, params) from its own thread, started as one group."""
-    results = {}
-
-    def run(i, ids, p):
-        try:
-            results[i] = merge_chunks(engine.stream(ids, p))
-        except Exception as e:  # the test looks at each outcome
-            results[i] = e
-
-    with engine.gather(len(requests)):
-        threads = [
-            threading.Thread(target=contextvars.copy_context().run, args=(run, i, *r))
-            for i, r in enumerate(requests)
-        ]
-        for thread in threads:
-            thread.start()
-    for thread in threads:
-        thread.join(120)
-    return [results[i] for i in range(len(requests))]
 
 
 def test_a_prompt_longer_than_the_context_is_refused_with_the_numbers(short_context):

@@ -13,6 +13,8 @@ from langchain_baichuan2.engines.native import NativeEngine, engine_for
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
+from .tiny import run_together
+
 
 def prompt(n, start=3):
     return [195, *(start + i % 900 for i in range(n - 2)), 196]
@@ -50,28 +52,6 @@ def rows_per_step(monkeypatch):
 
     monkeypatch.setattr(NativeEngine, "_step", spy)
     return rows
-
-
-def run_together(engine, requests):
-    """Stream every (ids, params) from its own thread, announced as one group."""
-    results = {}
-
-    def run(i, ids, p):
-        try:
-            results[i] = merge_chunks(engine.stream(ids, p))
-        except Exception as e:  # the test looks at each outcome
-            results[i] = e
-
-    with engine.gather(len(requests)):
-        threads = [
-            threading.Thread(target=contextvars.copy_context().run, args=(run, i, *r))
-            for i, r in enumerate(requests)
-        ]
-        for thread in threads:
-            thread.start()
-    for thread in threads:
-        thread.join(120)
-    return [results[i] for i in range(len(requests))]
 
 
 def collect(engine, request, log, name):

@@ -1,11 +1,14 @@
 """Tiny checkpoints for test classes whose parameters are properties, not fixtures."""
 
+import contextvars
 import functools
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
+from langchain_baichuan2.engines.base import merge_chunks
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
 
@@ -38,3 +41,25 @@ def padded_tokenizer(folder, pieces):
     path = folder / "tokenizer_padded.model"
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def run_together(engine, requests):
+    """Stream every (ids, params) from its own thread, announced as one group."""
+    results = {}
+
+    def run(i, ids, p):
+        try:
+            results[i] = merge_chunks(engine.stream(ids, p))
+        except Exception as e:  # the test looks at each outcome
+            results[i] = e
+
+    with engine.gather(len(requests)):
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(run, i, *r))
+            for i, r in enumerate(requests)
+        ]
+        for thread in threads:
+            thread.start()
+    for thread in threads:
+        thread.join(120)
+    return [results[i] for i in range(len(requests))]
