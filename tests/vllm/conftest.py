@@ -45,7 +45,8 @@ def vllm_folders(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="session", params=["7b", "13b"])
+# The 13B (ALiBi) engine starts in the slow run: one vLLM engine keeps the default run short.
+@pytest.fixture(scope="session", params=["7b", pytest.param("13b", marks=pytest.mark.slow)])
 def variant(request):
     return request.param
 
