@@ -169,7 +169,7 @@ def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monk
         slots.prefill(slots.acquire(20), list(range(3, 23)), 0)
     shapes = [tuple(k.shape) for k in slots.cache.keys]
     allocations = {"n": 0}
-    original = slots.cache._empty
+    original = slots.cache._flat
 
     def failing(*args):
         allocations["n"] += 1
@@ -177,7 +177,7 @@ def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monk
             raise torch.OutOfMemoryError("simulated")
         return original(*args)
 
-    monkeypatch.setattr(slots.cache, "_empty", failing)
+    monkeypatch.setattr(slots.cache, "_flat", failing)
     with pytest.raises(torch.OutOfMemoryError):
         slots.cache.reserve(1, 600)
     assert [tuple(k.shape) for k in slots.cache.keys] == shapes
