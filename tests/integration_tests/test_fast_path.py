@@ -169,7 +169,7 @@ def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monk
         slots.prefill(slots.acquire(20), list(range(3, 23)), 0)
     shapes = [tuple(k.shape) for k in slots.cache.keys]
     allocations = {"n": 0}
-    original = slots.cache._flat
+    original = slots.cache._empty
 
     def failing(*args):
         allocations["n"] += 1
@@ -177,7 +177,7 @@ def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monk
             raise torch.OutOfMemoryError("simulated")
         return original(*args)
 
-    monkeypatch.setattr(slots.cache, "_flat", failing)
+    monkeypatch.setattr(slots.cache, "_empty", failing)
     with pytest.raises(torch.OutOfMemoryError):
         slots.cache.reserve(1, 600)
     assert [tuple(k.shape) for k in slots.cache.keys] == shapes
@@ -189,7 +189,7 @@ def test_running_out_of_memory_while_growing_leaves_the_cache_usable(model, monk
     torch.testing.assert_close(got, full_forward_logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_the_compiled_step_builds_one_graph_per_batch_bucket(tmp_path):
+def test_the_compiled_step_builds_one_graph_per_step_class(tmp_path):
     from torch._dynamo.utils import counters
 
     folder = make_tiny_checkpoint(tmp_path / "buckets", "7b")
@@ -202,7 +202,8 @@ def test_the_compiled_step_builds_one_graph_per_batch_bucket(tmp_path):
     llm.batch(["two", "three", "four"])  # 3 rows, then fewer as they end: bucket 4
     slot_model = engine_for(llm.loaded_model()).slot_model
     assert not slot_model.compile_failed
-    assert counters["stats"]["unique_graphs"] - before == len(slot_model._compiled_shapes)
+    # Buckets of 1 and 4 rows: one graph each (dynamic sizes; see slot_model.step_class).
+    assert counters["stats"]["unique_graphs"] - before == len(slot_model.compiled_classes) == 2
 
 
 def _prompt(n, start=3):

@@ -66,10 +66,11 @@ def key_bucket(longest: int, length: int) -> int:
 def step_class(rows: int, keys: int, length: int, lora: bool = False) -> tuple[bool, ...]:
     """What the compiled step's graph depends on besides dynamic sizes.
 
-    Dynamo specializes one row (sizes 0 and 1 are never dynamic) and keys viewing the
-    whole buffer length (a contiguous view); everything else shares one graph.
+    Dynamo specializes one row (sizes 0 and 1 are never dynamic) and, for several rows,
+    keys viewing the whole buffer length (a contiguous view); everything else shares
+    one graph (``benchmarks/bench_warmup.py`` counts them).
     """
-    return rows == 1, keys == length, lora
+    return rows == 1, rows > 1 and keys == length, lora
 
 
 def _mark_dynamic(arguments: Sequence[Any]) -> None:
@@ -444,10 +445,11 @@ class SlotModel:
 
     def warm_up_shapes(self) -> list[tuple[int, int, int]]:
         """One (rows, keys, buffer length) of every step class ``compile_steps`` compiles."""
-        rows, shortest = min(2, self.cache.budget.max_rows or 2), SHORTEST_COMPILED_KEYS
-        return [
-            (r, shortest, length) for r in range(1, rows + 1) for length in (2 * shortest, shortest)
-        ]
+        keys = SHORTEST_COMPILED_KEYS
+        shapes = [(1, keys, 2 * keys)]
+        if (self.cache.budget.max_rows or 2) > 1:
+            shapes += [(2, keys, 2 * keys), (2, keys, keys)]
+        return shapes
 
     @torch.inference_mode()
     def compile_steps(self) -> None:
@@ -524,9 +526,9 @@ class SlotModel:
         self.compile_seconds += seconds
         one_row, whole, lora = kind
         logger.info(
-            "Compiled the Baichuan2 decode step for %s, %s%s in %.1f s",
+            "Compiled the Baichuan2 decode step for %s%s%s in %.1f s",
             "one row" if one_row else "several rows",
-            "keys filling the buffers" if whole else "keys within longer buffers",
+            ", keys filling the buffers" if whole else "",
             ", with LoRA adapters" if lora else "",
             seconds,
         )

@@ -74,8 +74,8 @@ class SlotCache:
         )
         # One flat storage per layer for keys and one for values; the buffers view them.
         self._stores: tuple[list[torch.Tensor], list[torch.Tensor]] = (
-            [self._flat(0, d) for d in devices],
-            [self._flat(0, d) for d in devices],
+            [self._empty(0, d) for d in devices],
+            [self._empty(0, d) for d in devices],
         )
         self.keys: list[torch.Tensor] = [self._view(s, 0, 0) for s in self._stores[0]]
         self.values: list[torch.Tensor] = [self._view(s, 0, 0) for s in self._stores[1]]
@@ -110,7 +110,7 @@ class SlotCache:
         heads, head_dim = self.shape
         return self._stores[0][0].numel() // (heads * head_dim) if self.devices else 0
 
-    def _flat(self, positions: int, device: torch.device) -> torch.Tensor:
+    def _empty(self, positions: int, device: torch.device) -> torch.Tensor:
         heads, head_dim = self.shape
         return torch.zeros(positions * heads * head_dim, dtype=self.dtype, device=device)
 
@@ -230,7 +230,7 @@ class SlotCache:
         held = self.budget.slot_bytes
         self.budget.claim(capacity * self.position_bytes)  # stored prefixes make room
         try:
-            stores = tuple([self._flat(capacity, s.device) for s in kind] for kind in self._stores)
+            stores = tuple([self._empty(capacity, s.device) for s in kind] for kind in self._stores)
         except BaseException:
             self.budget.claim(held)
             raise
