@@ -13,6 +13,11 @@ compile is a real one. A random 7B-shaped (RoPE) model of ``--hidden`` x ``--lay
 (2 x 64 by default: the size of the test models; compile time barely depends on it).
 
     python benchmarks/bench_warmup.py
+
+Measured on the 2-core CPU of the tests (load average ~10, 2026-12-07), 3 row x 3 key
+buckets: static 9 graphs, 142 s of first calls; dynamic 3 graphs, 84 s; buffers of
+another length: 0 new graphs. Compiled steps of this tiny model take 0.2-0.5 ms static
+and 0.2-0.6 ms dynamic (guards on symbolic sizes cost ~0.1 ms a step).
 """
 
 from __future__ import annotations

@@ -437,11 +437,14 @@ class SlotModel:
     def prepare_warm_up(self) -> None:
         """Fix the buffers' storage (see ``SlotCache.fix``) and lay the weights out.
 
-        The caller holds the model's lock; no slot may be taken.
+        The caller holds the model's lock; no slot may be taken. When compiling, the
+        caller then runs ``compile_steps``.
         """
         self._lay_out()
         self.cache.fix()
         self._forget_stale_views()
+        # From now until compile_steps ends, classes not yet compiled run uncompiled.
+        self._warming = self.compile and not self.compile_failed
 
     def warm_up_shapes(self) -> list[tuple[int, int, int]]:
         """One (rows, keys, buffer length) of every step class ``compile_steps`` compiles."""
@@ -458,18 +461,18 @@ class SlotModel:
         Meant for a background thread, without the model's lock: each class runs on its
         own small buffers (never the slots), while the worker runs steps uncompiled
         until their class is ready. Logs each class and the total (``warmup_seconds``);
-        ``warmup_progress`` counts the classes done. Does nothing without ``compile``.
+        ``warmup_progress`` counts the classes compiled (one that failed is not).
         """
         started = time.perf_counter()
         shapes = self.warm_up_shapes()
         self.warmup_progress = (0, len(shapes))
         self._warming = True
         try:
-            for done, (rows, keys, length) in enumerate(shapes, start=1):
+            for rows, keys, length in shapes:
                 if not self.compile or self.compile_failed:
                     break
-                self._compiled_step(None, *self._dummy_step(rows, keys, length))
-                self.warmup_progress = (done, len(shapes))
+                if self._compiled_step(None, *self._dummy_step(rows, keys, length)) is not None:
+                    self.warmup_progress = (self.warmup_progress[0] + 1, len(shapes))
         except Exception:  # serving goes on uncompiled, compiling on first use
             logger.exception("Compiling the Baichuan2 decode step in the background failed")
         finally:
