@@ -167,7 +167,7 @@ def test_requests_run_uncompiled_while_the_step_compiles_in_the_background(
         assert compiling.wait(60)
         during = merge_chunks(engine.stream(ids, greedy(8))).token_ids
         assert not engine._warm_up.ended.is_set()  # the compile has not ended yet
-        assert served_compiled == [] and engine.slot_model.warmup_progress == (0, 3)
+        assert served_compiled == [] and engine.slot_model.warmup_progress == (0, 4)
         release.set()
         seconds = engine.warm_up(timeout=60)
         after = merge_chunks(engine.stream(ids, greedy(8))).token_ids
@@ -176,10 +176,10 @@ def test_requests_run_uncompiled_while_the_step_compiles_in_the_background(
         engine.shutdown()
     assert during == expected and after == expected
     assert served_compiled and set(served_compiled) == {1}  # compiled once ready
-    assert engine.slot_model.warmup_progress == (3, 3) and seconds > 0
+    assert engine.slot_model.warmup_progress == (4, 4) and seconds > 0
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert len([m for m in lines if m.startswith("Compiled the Baichuan2 decode step")]) == 3
-    assert any(m.startswith("Warmed up the Baichuan2 decode step: 3 of 3") for m in lines)
+    assert len([m for m in lines if m.startswith("Compiled the Baichuan2 decode step")]) == 4
+    assert any(m.startswith("Warmed up the Baichuan2 decode step: 4 of 4") for m in lines)
 
 
 def test_a_budget_of_one_full_context_row_runs_four_quarter_context_rows_at_once(

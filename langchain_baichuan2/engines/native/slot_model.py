@@ -66,11 +66,11 @@ def key_bucket(longest: int, length: int) -> int:
 def step_class(rows: int, keys: int, length: int, lora: bool = False) -> tuple[bool, ...]:
     """What the compiled step's graph depends on besides dynamic sizes.
 
-    Dynamo specializes one row (sizes 0 and 1 are never dynamic) and, for several rows,
-    keys viewing the whole buffer length (a contiguous view); everything else shares
-    one graph (``benchmarks/bench_warmup.py`` counts them).
+    Dynamo specializes one row (sizes 0 and 1 are never dynamic) and keys viewing the
+    whole buffer length (a contiguous view); everything else shares one graph
+    (``benchmarks/bench_warmup.py`` counts them).
     """
-    return rows == 1, rows > 1 and keys == length, lora
+    return rows == 1, keys == length, lora
 
 
 def _mark_dynamic(arguments: Sequence[Any]) -> None:
@@ -162,6 +162,7 @@ class SlotModel:
             self._cos, self._sin = self._rope_for(self.cache.length)
         return self._cos, self._sin
 
+    @torch.inference_mode(False)  # normal tensors, as the slots are (see ``_dummy_step``)
     def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables of positions ``0..length-1`` (empty for ALiBi)."""
         if self.rotary is None:
@@ -449,10 +450,8 @@ class SlotModel:
     def warm_up_shapes(self) -> list[tuple[int, int, int]]:
         """One (rows, keys, buffer length) of every step class ``compile_steps`` compiles."""
         keys = SHORTEST_COMPILED_KEYS
-        shapes = [(1, keys, 2 * keys)]
-        if (self.cache.budget.max_rows or 2) > 1:
-            shapes += [(2, keys, 2 * keys), (2, keys, keys)]
-        return shapes
+        rows = [1, 2] if (self.cache.budget.max_rows or 2) > 1 else [1]
+        return [(r, keys, length) for r in rows for length in (2 * keys, keys)]
 
     @torch.inference_mode()
     def compile_steps(self) -> None:
@@ -485,13 +484,16 @@ class SlotModel:
         )
 
     def _dummy_step(self, rows: int, keys: int, length: int) -> tuple[Any, ...]:
-        """Arguments of a step of ``rows`` x ``keys`` on new buffers of ``length`` positions."""
+        """Arguments of a step of ``rows`` x ``keys`` on new buffers of ``length`` positions.
+
+        Made as a real step's are, or the compiled graph's guards would not match them:
+        ids and positions in inference mode, buffers as views of a flat storage (see
+        ``SlotCache``), made outside it.
+        """
         ids, positions = (torch.zeros(rows, 1, dtype=torch.long, device=self.device) for _ in "ip")
+        cache = self.cache
         buffers = [
-            [
-                torch.zeros(rows, self.heads, length, self.head_dim, dtype=self.dtype, device=d)
-                for d in self.cache.devices
-            ]
+            [cache._view(cache._empty(rows * length, d), rows, length) for d in cache.devices]
             for _ in "kv"
         ]
         views = [[b[:, :, :keys] for b in kind] for kind in buffers]

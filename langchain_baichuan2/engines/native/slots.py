@@ -110,6 +110,7 @@ class SlotCache:
         heads, head_dim = self.shape
         return self._stores[0][0].numel() // (heads * head_dim) if self.devices else 0
 
+    @torch.inference_mode(False)  # the same kind of tensor whoever grows it (compiled guards)
     def _empty(self, positions: int, device: torch.device) -> torch.Tensor:
         heads, head_dim = self.shape
         return torch.zeros(positions * heads * head_dim, dtype=self.dtype, device=device)
@@ -272,17 +273,23 @@ class SlotCache:
     def fix(self) -> None:
         """Allocate the storage once at the budget's size; never reallocate it again.
 
-        It holds the bytes of ``KvBudget.fixed_shape`` (the most full-context rows the
-        budget allows after the prefix cache's cap, at least one), viewed as those
-        rows at first; later shapes re-view it (shorter rows, more of them). No slot
-        may be taken.
+        It holds what the budget leaves after the prefix cache's cap (at least one
+        full-context row, at most ``max_rows`` of them), viewed at first as the rows of
+        ``KvBudget.fixed_shape``; later shapes re-view it (shorter rows, more of them).
+        No slot may be taken.
         """
         rows, length = self.budget.fixed_shape()
         if self.used:
             raise RuntimeError("The slot buffers can only be fixed while no slot is taken")
         if self.fixed:
             return
-        self._reallocate(rows, length, rows * length)
+        budget = self.budget
+        capacity = rows * length
+        if budget.max_bytes is not None:
+            left = budget.max_bytes // self.position_bytes - budget.prefix.budget_tokens
+            most = left if budget.max_rows is None else min(left, budget.max_rows * length)
+            capacity = max(capacity, most)
+        self._reallocate(rows, length, capacity)
         self._used = [False] * rows
         self._reserved = [0] * rows
         self.length = length

@@ -23,16 +23,18 @@ class WarmUp:
 
     Attributes:
         wanted: Asked for and not yet started (the worker starts it once idle).
+        started: The worker has started it (it runs once).
         ended: Set once a warm-up's compile ended, or serving ended without one.
     """
 
     def __init__(self) -> None:
         self.wanted = False
+        self.started = False
         self.ended = threading.Event()
 
     def ask(self) -> bool:
-        """Ask for a warm-up; False if one is already wanted or has ended."""
-        if self.wanted or self.ended.is_set():
+        """Ask for a warm-up; False if one is already wanted, running or has ended."""
+        if self.wanted or self.started or self.ended.is_set():
             return False
         self.wanted = True
         return True
@@ -42,7 +44,7 @@ class WarmUp:
 
         Never raises: serving goes on uncompiled if the warm-up fails.
         """
-        self.wanted = False
+        self.wanted, self.started = False, True
         try:
             with lock:
                 slot_model.prepare_warm_up()
