@@ -8,16 +8,19 @@ its first call took (the compile, when it compiles) and the step time after, for
   per ``slot_model.step_class``),
 
 beside the uncompiled step, then counts the graphs each built and checks that buffers
-of twice the length compile nothing new. Inductor's on-disk cache is off, so every
-compile is a real one. A random 7B-shaped (RoPE) model of ``--hidden`` x ``--layers``
-(2 x 64 by default: the size of the test models; compile time barely depends on it).
+of twice the length compile nothing new. Inductor caches into a new empty folder, so
+every compile is a cold one (as on a machine's first start). A random 7B-shaped
+(RoPE) model of ``--hidden`` x ``--layers`` (2 x 64 by default: the size of the test
+models; compile time barely depends on it).
 
-    python benchmarks/bench_warmup.py
+    python benchmarks/bench_warmup.py --modes static
+    python benchmarks/bench_warmup.py --modes dynamic
 
-Measured on the 2-core CPU of the tests (load average ~10, 2026-12-07), 3 row x 3 key
-buckets: static 9 graphs, 142 s of first calls; dynamic 3 graphs, 84 s; buffers of
-another length: 0 new graphs. Compiled steps of this tiny model take 0.2-0.5 ms static
-and 0.2-0.6 ms dynamic (guards on symbolic sizes cost ~0.1 ms a step).
+Measured on the 2-core CPU of the tests (load average ~5, 2026-12-07), cold, one mode
+per process, 3 row x 3 key buckets of buffers of 1024: static 9 graphs, 107 s of first
+calls, and 9 more graphs for buffers of 2048; dynamic 3 graphs, 62 s, and none more.
+The first compile of a process (~35-50 s) holds most of it. Uncontended steps of this
+tiny model: static 0.24-0.44 ms, dynamic 0.25-0.51 ms, uncompiled 0.4-0.8 ms.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch._dynamo.utils import counters
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-warmup-inductor-")
+
+import torch  # noqa: E402  (after the cache folder is set)
+from torch._dynamo.utils import counters  # noqa: E402
 
 from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.loading import load_model_and_tokenizer
@@ -68,6 +73,9 @@ def main() -> None:
     parser.add_argument("--keys", default="256,512,1024")
     parser.add_argument("--buffer", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument(
+        "--modes", default="static,dynamic", help="run one per process for cold compiles"
+    )
     args = parser.parse_args()
     torch._inductor.config.fx_graph_cache = False
     torch._dynamo.config.recompile_limit = 64  # static: one graph per bucket
@@ -86,10 +94,11 @@ def main() -> None:
     slot_model.cache.reserve(max(rows_list), args.buffer)
     buckets = [(r, k) for r in rows_list for k in keys_list if k <= slot_model.cache.length]
     static = torch.compile(slot_model._last_hidden, dynamic=False)
-    modes: dict[str, Callable[..., Any]] = {
+    steps: dict[str, Callable[..., Any]] = {
         "static": static,
         "dynamic": lambda *a: slot_model._compiled_step(None, *a),
     }
+    modes = {name: steps[name] for name in args.modes.split(",")}
     table: dict[tuple[int, int], dict[str, float]] = {b: {} for b in buckets}
     built = {}
     for name, step in modes.items():
@@ -109,14 +118,14 @@ def main() -> None:
     slot_model.cache.reserve(max(rows_list), 2 * args.buffer)  # buffers of another length
     before = graphs()
     for bucket in buckets:
-        slot_model._compiled_step(None, *step_arguments(slot_model, *bucket))
+        step(*step_arguments(slot_model, *bucket))  # the last mode's
     again = graphs() - before
     load = os.getloadavg()
     print(
         f"\nhidden {args.hidden} x {args.layers} layers, buffers of {args.buffer} positions, "
         f"{os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)\n"
     )
-    columns = ["eager ms", "static first s", "static ms", "dynamic first s", "dynamic ms"]
+    columns = ["eager ms", *(f"{m} {c}" for m in modes for c in ("first s", "ms"))]
     print(f"| rows x keys | {' | '.join(columns)} |")
     print("|---" * (len(columns) + 1) + "|")
     for (rows, keys), row in table.items():
@@ -124,7 +133,7 @@ def main() -> None:
     for name in modes:
         seconds = sum(row[f"{name} first s"] for row in table.values())
         print(f"{name}: {built[name]} graphs, {seconds:.0f} s in first calls")
-    print(f"dynamic, buffers of {2 * args.buffer} positions: {again} new graphs")
+    print(f"{name}, buffers of {2 * args.buffer} positions: {again} new graphs")
 
 
 if __name__ == "__main__":
