@@ -158,11 +158,11 @@ class NativeEngine(Engine):
         """Turn the compiled decode step on or off (None: on only for a CUDA GPU).
 
         Only unquantized weights compile; if compiling fails, the engine warns and runs
-        uncompiled from then on. On a GPU a warm-up starts in the background (see
-        ``warm_up``; requests wait for it): it sizes the key/value buffers once, so they
-        never grow (growing would need the old and the new buffers at once), and
-        compiles every step shape when compiling. Elsewhere each step shape compiles on
-        its first use, unless ``warm_up`` is called.
+        uncompiled from then on. On a GPU a warm-up starts at once (see ``warm_up``):
+        it allocates the key/value storage once, so it never grows (growing would need
+        the old and the new storage at once), and compiles every step class in the
+        background while requests run uncompiled. Elsewhere each step class compiles
+        on its first use, unless ``warm_up`` is called.
         """
         if compile is None:
             compile = self.device.type == "cuda"
@@ -180,14 +180,15 @@ class NativeEngine(Engine):
         self._inbox.put(_WAKE)  # type: ignore[arg-type]
 
     def warm_up(self, timeout: float | None = None) -> float:
-        """Compile the decode step for every batch shape before serving; wait for it.
+        """Compile the decode step for every step class; wait for it.
 
-        The key/value buffers are sized once, at the most rows of the longest
-        sequence that ``kv_cache_bytes`` (less the prefix cache's cap) and
-        ``max_rows`` allow, and never grow; then the step is compiled (on a GPU, CUDA
-        graphs recorded) for every row bucket and key-length bucket, so no later call
-        compiles. Runs on the worker once no request is running. Without ``compile``
-        only the buffers are sized.
+        The key/value storage is allocated once (as many full-context rows as
+        ``kv_cache_bytes``, less the prefix cache's cap, and ``max_rows`` allow; viewed
+        later as more, shorter rows when requests reserve less) once no request is
+        running. The step then compiles on a background thread, one graph per step
+        class (``slot_model.step_class``), while requests run uncompiled until their
+        class is ready; a GPU records each bucket's CUDA graph on its first use.
+        Without ``compile`` only the storage is allocated.
 
         Returns:
             The warm-up's seconds (``slot_model.warmup_seconds``).

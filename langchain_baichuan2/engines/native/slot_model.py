@@ -6,11 +6,15 @@ decode step feeds one token for every running sequence. Positions are tensors, s
 step needs nothing from the host: RoPE angles come from a precomputed table, the ALiBi
 bias is built from positions and the cached slopes, and every row sees only its own
 keys up to its position (``key index <= position``). The decode step can be compiled
-with ``torch.compile``: then it runs at fixed shapes and, on a GPU, as CUDA graphs. Its
-shape is a bucket: rows ``[:R]`` with R the highest taken slot rounded up to a power of
-two, keys ``[:L]`` with L the longest row rounded up to 256 times a power of two, so
-a step costs what its rows need, not what the buffers hold. ``warm_up`` fixes the
-buffers and compiles every bucket before serving.
+with ``torch.compile``: then it runs on a GPU as CUDA graphs. Its shape is a bucket:
+rows ``[:R]`` with R the highest taken slot rounded up to a power of two, keys ``[:L]``
+with L the longest row rounded up to 256 times a power of two, so a step costs what
+its rows need, not what the buffers hold. The rows, keys and buffer length are dynamic
+dimensions, so one graph serves every bucket of a ``step_class`` (a GPU still records
+one CUDA graph per bucket, on its first use). ``prepare_warm_up`` fixes the buffers'
+storage; ``compile_steps`` then compiles every class on private inputs, off the request
+path: until a class is ready, its steps run uncompiled. A bucket whose compiled step
+runs out of memory runs uncompiled from then on.
 
 LoRA adapters (``add_adapter``): each row has an adapter index (0: none); a step whose
 rows all have none runs exactly the plain path, otherwise each targeted linear adds
@@ -57,6 +61,29 @@ def row_bucket(highest_slot: int, rows: int) -> int:
 def key_bucket(longest: int, length: int) -> int:
     """Keys a compiled step attends: ``longest`` up to 256 x a power of two, within ``length``."""
     return min(doubled_capacity(longest, SHORTEST_COMPILED_KEYS), length)
+
+
+def step_class(rows: int, keys: int, length: int, lora: bool = False) -> tuple[bool, ...]:
+    """What the compiled step's graph depends on besides dynamic sizes.
+
+    Dynamo specializes one row (sizes 0 and 1 are never dynamic) and keys viewing the
+    whole buffer length (a contiguous view); everything else shares one graph
+    (``benchmarks/bench_warmup.py`` counts them).
+    """
+    return rows == 1, keys == length, lora
+
+
+def _mark_dynamic(arguments: Sequence[Any]) -> None:
+    """Compile the step's rows, keys and buffer length as dynamic sizes."""
+    ids, positions, keys, values, cos, sin = arguments[:6]
+    for tensor in (ids, positions):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    for tensor in (*keys, *values):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    for tensor in (cos, sin):
+        if tensor.shape[0]:  # ALiBi passes empty tables
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def _layer_device(layer: nn.Module, default: torch.device) -> torch.device:
@@ -119,22 +146,30 @@ class SlotModel:
         self.compile_failed = False  # set once compiling failed: never tried again
         self.lora_compile_failed = False  # the same, for steps with adapters
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self._compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compiled_classes: set[tuple[bool, ...]] = set()  # see ``step_class``
+        self.eager_buckets: set[tuple[int, int]] = set()  # (rows, keys) out of memory
         self._views: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self.compile_seconds = 0.0  # spent compiling so far (first call of each shape)
-        self.warmup_seconds: float | None = None  # set by ``warm_up``
-        self._warming = False
+        self.compile_seconds = 0.0  # spent compiling so far (first call of each class)
+        self.warmup_seconds: float | None = None  # set by ``compile_steps``
+        self.warmup_progress = (0, 0)  # classes compiled by ``compile_steps``, of how many
+        self._warming = False  # ``compile_steps`` runs: classes not yet ready run uncompiled
 
     # -- position encodings ---------------------------------------------------------
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position the buffers hold, from the model's own rotary module."""
-        length = self.cache.length
-        if self._cos.shape[0] != length and self.rotary is not None:
-            positions = torch.arange(length, device=self.device)[None]
-            cos, sin = self.rotary(self._cos, positions)  # in the dtype of its first argument
-            self._cos, self._sin = cos[0], sin[0]
+        if self._cos.shape[0] != self.cache.length:
+            self._cos, self._sin = self._rope_for(self.cache.length)
         return self._cos, self._sin
+
+    @torch.inference_mode(False)  # normal tensors, as the slots are (see ``_dummy_step``)
+    def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables of positions ``0..length-1`` (empty for ALiBi)."""
+        if self.rotary is None:
+            return self._cos, self._sin
+        positions = torch.arange(length, device=self.device)[None]
+        cos, sin = self.rotary(self._cos, positions)  # in the dtype of its first argument
+        return cos[0], sin[0]
 
     def _mask(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         """What each query may attend: keys at or before its position.
@@ -232,9 +267,7 @@ class SlotModel:
         ``adapter``: the row's adapter index (0: none).
         The first prefill lays the weights out for the CPU (``cpu_layout.lay_out``).
         """
-        if not self._laid_out:  # here, not when built: the caller holds the model's lock
-            lay_out(self.model)
-            self._laid_out = True
+        self._lay_out()
         end = start + len(ids)
         self._reserve(slot + 1, end)
         cos, sin = self._rope_tables()
@@ -267,12 +300,12 @@ class SlotModel:
         """
         self._reserve(max(slots) + 1, longest)
         cos, sin = self._rope_tables()
-        # Read once (set elsewhere); a step with adapters compiles unless that failed.
-        compiled = self.compile and not self.compile_failed
-        compiled = compiled and (adapters is None or not self.lora_compile_failed)
+        high = row_bucket(max(slots), self.cache.rows)
+        bucket = (high, key_bucket(longest, self.cache.length))
+        compiled = self._runs_compiled(bucket, adapters is not None)
         if compiled:
-            low, high = 0, row_bucket(max(slots), self.cache.rows)
-            keys, values = self._static_views(high, key_bucket(longest, self.cache.length))
+            low = 0
+            keys, values = self._static_views(*bucket)
         else:
             low, high = min(slots), max(slots) + 1
             length = min(_round_up(longest, KEY_BLOCK), self.cache.length)
@@ -287,7 +320,7 @@ class SlotModel:
             index = adapters.new_zeros(width).index_copy_(0, local, adapters)
             lora = self.lora.rows(index)
         arguments = (ids, where, keys, values, cos, sin, lora)
-        hidden = self._compiled_step(*arguments) if compiled else None
+        hidden = self._compiled_step(bucket, *arguments) if compiled else None
         if hidden is None:
             hidden = self._last_hidden(*arguments)
         return self.head(hidden[local.to(hidden.device)]).float().to(self.device)
@@ -325,15 +358,40 @@ class SlotModel:
             self._views[key] = views
         return self._views[key]
 
-    def _compiled_step(self, *arguments: Any) -> torch.Tensor | None:
-        """Run the compiled step, compiling it on first use of each shape (timed, logged).
+    def _runs_compiled(self, bucket: tuple[int, int], lora: bool) -> bool:
+        """Whether a step of ``bucket`` runs compiled (compiling it if it may, inline)."""
+        # Read once (set elsewhere); a step with adapters compiles unless that failed.
+        if not self.compile or self.compile_failed or (lora and self.lora_compile_failed):
+            return False
+        if bucket in self.eager_buckets:
+            return False
+        # While compile_steps runs, only classes it has compiled are used.
+        ready = step_class(*bucket, self.cache.length, lora) in self.compiled_classes
+        return ready or not self._warming
 
-        Returns None if compiling failed (logged once; the uncompiled step takes over).
+    def _compiled_step(
+        self, bucket: tuple[int, int] | None, *arguments: Any
+    ) -> torch.Tensor | None:
+        """Run the compiled step, compiling it on first use of each class (timed, logged).
+
+        Returns None when the step must run uncompiled: compiling failed (logged once;
+        the uncompiled step takes over), or ``bucket`` ran out of memory (logged once;
+        that bucket runs uncompiled from then on). ``bucket``: None for ``compile_steps``.
         """
         try:
             return self._run_compiled(*arguments)
-        except torch.OutOfMemoryError:
-            raise
+        except torch.OutOfMemoryError as e:
+            if bucket is None:
+                logger.warning("Out of memory while compiling the Baichuan2 decode step (%s)", e)
+            else:
+                self.eager_buckets.add(bucket)
+                logger.warning(
+                    "Out of memory while compiling or recording the Baichuan2 decode step "
+                    "for %d rows x %d keys; that shape runs uncompiled from now on (%s)",
+                    *bucket,
+                    e,
+                )
+            return None
         except Exception as e:  # a compiler that cannot handle this model or machine
             with_adapters = arguments[-1] is not None
             logger.warning(
@@ -350,66 +408,99 @@ class SlotModel:
 
     def _run_compiled(self, *arguments: Any) -> torch.Tensor:
         if self._compiled is None:
-            _allow_graphs(64)  # one per row bucket, key bucket and buffer size
+            _allow_graphs(64)  # one per step class, with room to spare
             cuda = self.device.type == "cuda"
             self._compiled = torch.compile(
-                self._last_hidden, dynamic=False, mode="reduce-overhead" if cuda else None
+                self._last_hidden, dynamic=None, mode="reduce-overhead" if cuda else None
             )
-        shape = (arguments[0].shape[0], arguments[2][0].shape[2], self.cache.length)
+        view = arguments[2][0]  # [rows, heads, keys, head_dim] of a longer buffer
+        buffer_length = view.stride(1) // self.head_dim
+        kind = step_class(view.shape[0], view.shape[2], buffer_length, arguments[-1] is not None)
+        _mark_dynamic(arguments)
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         hidden = self._compiled(*arguments)
-        if shape not in self._compiled_shapes:
-            self._compiled_shapes.add(shape)
-            self._log_compile(started, shape)
+        if kind not in self.compiled_classes:
+            self._log_compile(started, kind)
+            self.compiled_classes.add(kind)
         return hidden
 
-    @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Fix the buffers at their largest shape, then compile every step bucket.
+    def _lay_out(self) -> None:
+        """Lay the weights out for the CPU once (``cpu_layout.lay_out``).
 
-        Afterwards serving compiles nothing (and, on a GPU, records no CUDA graph) for
-        any batch the buffers hold, and the buffers never grow. Takes ``max_length``
-        and ``max_rows`` or ``max_bytes``; no slot may be taken. Without ``compile``
-        only the buffers are fixed. The time is kept in ``warmup_seconds``.
+        Here, not when built: the caller holds the model's lock.
         """
-        started = time.perf_counter()
+        if not self._laid_out:
+            lay_out(self.model)
+            self._laid_out = True
+
+    def prepare_warm_up(self) -> None:
+        """Fix the buffers' storage (see ``SlotCache.fix``) and lay the weights out.
+
+        The caller holds the model's lock; no slot may be taken. When compiling, the
+        caller then runs ``compile_steps``.
+        """
+        self._lay_out()
         self.cache.fix()
         self._forget_stale_views()
-        rows, length = self.cache.rows, self.cache.length
-        shapes = [
-            (r, k)
-            for r in sorted({row_bucket(slot, rows) for slot in range(rows)})
-            for k in sorted({key_bucket(n, length) for n in range(1, length + 1)})
-        ]
-        cos, sin = self._rope_tables()
+        # From now until compile_steps ends, classes not yet compiled run uncompiled.
+        self._warming = self.compile and not self.compile_failed
+
+    def warm_up_shapes(self) -> list[tuple[int, int, int]]:
+        """One (rows, keys, buffer length) of every step class ``compile_steps`` compiles."""
+        keys = SHORTEST_COMPILED_KEYS
+        rows = [1, 2] if (self.cache.budget.max_rows or 2) > 1 else [1]
+        return [(r, keys, length) for r in rows for length in (2 * keys, keys)]
+
+    @torch.inference_mode()
+    def compile_steps(self) -> None:
+        """Compile every step class on private inputs, off the request path; never raises.
+
+        Meant for a background thread, without the model's lock: each class runs on its
+        own small buffers (never the slots), while the worker runs steps uncompiled
+        until their class is ready. Logs each class and the total (``warmup_seconds``);
+        ``warmup_progress`` counts the classes compiled (one that failed is not).
+        """
+        started = time.perf_counter()
+        shapes = self.warm_up_shapes()
+        self.warmup_progress = (0, len(shapes))
         self._warming = True
         try:
-            _allow_graphs(len(shapes) + 8)
-            for r, k in shapes:
+            for rows, keys, length in shapes:
                 if not self.compile or self.compile_failed:
                     break
-                # Token 0 at position 0 of free slots; two tensors, as a real step has.
-                ids, positions = (
-                    torch.zeros(r, 1, dtype=torch.long, device=self.device) for _ in range(2)
-                )
-                # CUDA graph trees record a shape on its second or third call.
-                for _ in range(3 if self.device.type == "cuda" else 1):
-                    self._compiled_step(ids, positions, *self._static_views(r, k), cos, sin)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                if self._compiled_step(None, *self._dummy_step(rows, keys, length)) is not None:
+                    self.warmup_progress = (self.warmup_progress[0] + 1, len(shapes))
+        except Exception:  # serving goes on uncompiled, compiling on first use
+            logger.exception("Compiling the Baichuan2 decode step in the background failed")
         finally:
             self._warming = False
         self.warmup_seconds = time.perf_counter() - started
         logger.info(
-            "Warmed up the Baichuan2 decode step: buffers of %d rows x %d positions, "
-            "%d shapes compiled in %.1f s",
-            rows,
-            length,
-            len(self._compiled_shapes),
+            "Warmed up the Baichuan2 decode step: %d of %d step classes compiled in %.1f s",
+            *self.warmup_progress,
             self.warmup_seconds,
         )
+
+    def _dummy_step(self, rows: int, keys: int, length: int) -> tuple[Any, ...]:
+        """Arguments of a step of ``rows`` x ``keys`` on new buffers of ``length`` positions.
+
+        Made as a real step's are, or the compiled graph's guards would not match them:
+        ids and positions in inference mode, buffers as views of a flat storage (see
+        ``SlotCache``), made outside it.
+        """
+        ids, positions = (torch.zeros(rows, 1, dtype=torch.long, device=self.device) for _ in "ip")
+        cache = self.cache
+        buffers = [
+            [cache._view(cache._empty(rows * length, d), rows, length) for d in cache.devices]
+            for _ in "kv"
+        ]
+        views = [[b[:, :, :keys] for b in kind] for kind in buffers]
+        cos, sin = self._rope_for(length)
+        for view in (*views[0], *views[1], cos, sin):
+            torch._dynamo.mark_static_address(view)  # as the slots' views are
+        return ids, positions, views[0], views[1], cos, sin, None
 
     def acquire(self, length: int) -> int:
         """Take a free slot that holds ``length`` positions (growing the buffers)."""
@@ -435,13 +526,15 @@ class SlotModel:
         """Views of the first ``length`` positions of ``slot``'s keys/values."""
         return self.cache.read(slot, length)
 
-    def _log_compile(self, started: float, what: Any) -> None:
+    def _log_compile(self, started: float, kind: tuple[bool, ...]) -> None:
         seconds = time.perf_counter() - started
         self.compile_seconds += seconds
-        logger.log(
-            logging.DEBUG if self._warming else logging.INFO,
-            "Compiled the Baichuan2 decode step for %s (rows, keys, buffer length) in %.1f s",
-            what,
+        one_row, whole, lora = kind
+        logger.info(
+            "Compiled the Baichuan2 decode step for %s%s%s in %.1f s",
+            "one row" if one_row else "several rows",
+            ", keys filling the buffers" if whole else "",
+            ", with LoRA adapters" if lora else "",
             seconds,
         )
 

@@ -9,8 +9,13 @@ buffers change shape only when a sequence is given a slot they cannot hold: they
 (rows and length doubling, within the ``KvBudget``), or, when the budget allows no
 more rows at their length but the taken slots need less, they re-shape to a shorter
 length with more rows (so one long request does not leave later ones running alone).
-That copies once. Buffers made ``fixed`` never change shape (compiled graphs keep
-their addresses).
+
+Each layer's keys (and values) are a view of one flat storage. Unfixed, the storage is
+reallocated at each change of shape (copying once, and handing memory the buffers no
+longer need back to the prefix cache). ``fix`` allocates it once at the budget's size
+(on a GPU: growing would need the old and the new storage at once); from then on a
+change of shape is a new view of the same storage, the taken rows' keys/values moved
+inside it, so rows sized by what admission reserved fit as many as the bytes allow.
 """
 
 from __future__ import annotations
@@ -67,13 +72,18 @@ class SlotCache:
         self.budget = KvBudget(
             self.position_bytes, max_length=max_length, max_bytes=max_bytes, max_rows=max_rows
         )
-        self.keys: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
-        self.values: list[torch.Tensor] = [self._empty(0, 0, d) for d in devices]
+        # One flat storage per layer for keys and one for values; the buffers view them.
+        self._stores: tuple[list[torch.Tensor], list[torch.Tensor]] = (
+            [self._empty(0, d) for d in devices],
+            [self._empty(0, d) for d in devices],
+        )
+        self.keys: list[torch.Tensor] = [self._view(s, 0, 0) for s in self._stores[0]]
+        self.values: list[torch.Tensor] = [self._view(s, 0, 0) for s in self._stores[1]]
         self._used: list[bool] = []
         self._reserved: list[int] = []  # positions each taken slot may reach (0: free)
         self.length = 0  # positions each row holds
-        self.fixed = False  # set by ``fix``: the shape never changes again
-        # Bumped whenever the buffers are reallocated (compiled steps key on it).
+        self.fixed = False  # set by ``fix``: the storage is never reallocated again
+        # Bumped whenever the buffers change shape (compiled steps key on it).
         self.generation = 0
 
     @property
@@ -91,12 +101,24 @@ class SlotCache:
         """Most positions one sequence can ever hold here (None: no limit)."""
         longest = self.budget.longest
         if self.fixed:
-            return self.length if longest is None else min(longest, self.length)
+            return self.capacity if longest is None else min(longest, self.capacity)
         return longest
 
-    def _empty(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
+    @property
+    def capacity(self) -> int:
+        """Row positions (rows x length) the storage holds."""
         heads, head_dim = self.shape
-        return torch.zeros(rows, heads, length, head_dim, dtype=self.dtype, device=device)
+        return self._stores[0][0].numel() // (heads * head_dim) if self.devices else 0
+
+    @torch.inference_mode(False)  # the same kind of tensor whoever grows it (compiled guards)
+    def _empty(self, positions: int, device: torch.device) -> torch.Tensor:
+        heads, head_dim = self.shape
+        return torch.zeros(positions * heads * head_dim, dtype=self.dtype, device=device)
+
+    def _view(self, store: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """``store``'s first ``rows x length`` positions as ``[rows, heads, length, head_dim]``."""
+        heads, head_dim = self.shape
+        return store[: rows * heads * length * head_dim].view(rows, heads, length, head_dim)
 
     def _free_slot(self) -> int:
         return next((i for i, used in enumerate(self._used) if not used), self.rows)
@@ -112,7 +134,7 @@ class SlotCache:
         if rows <= self.rows and length <= self.length:
             return self.rows, self.length
         longest = self.longest
-        if self.fixed or (longest is not None and length > longest):
+        if longest is not None and length > longest:
             return None
         new_length = self.length
         if length > self.length:
@@ -132,6 +154,9 @@ class SlotCache:
         if rows > self.rows:
             new_rows = doubled_capacity(rows, max(self.rows, self.SMALLEST_ROWS))
         limit = self.budget.rows_at(length)
+        if self.fixed:  # the storage's bytes, not the budget's
+            fits = self.capacity // max(length, 1)
+            limit = fits if limit is None else min(limit, fits)
         taken = max((i + 1 for i, used in enumerate(self._used) if used), default=0)
         new_rows = min(new_rows, limit if limit is not None else new_rows)
         if new_rows < max(rows, taken):
@@ -173,49 +198,102 @@ class SlotCache:
             msg = (
                 f"The slot cache cannot hold {rows} rows of {length} positions "
                 f"(it holds {self.rows} x {self.length}, "
-                f"{'fixed' if self.fixed else f'at most {self.longest} positions a row'})"
+                f"at most {self.longest} positions a row)"
             )
             raise RuntimeError(msg)
         self.resize(*shape)
 
     def resize(self, rows: int, length: int) -> None:
-        """Reallocate the buffers as ``rows`` x ``length``, keeping what the slots hold.
+        """Make the buffers ``rows`` x ``length``, keeping what the taken slots hold.
 
-        Taken slots must lie below ``rows``; positions past ``length`` are dropped.
+        Taken slots must lie below ``rows`` and hold at most ``length`` positions.
+        Fixed storage is viewed anew (see ``_move_rows``), other storage reallocated.
         """
         if (rows, length) == (self.rows, self.length):
             return
-        held = self.budget.slot_bytes
-        self.budget.claim(rows * length * self.position_bytes)  # stored prefixes make room
-        try:
-            grown = [
-                [self._empty(rows, length, old.device) for old in buffers]
-                for buffers in (self.keys, self.values)
-            ]
-        except BaseException:
-            self.budget.claim(held)
-            raise
-        kept_rows, kept_length = min(rows, self.rows), min(length, self.length)
-        for old_buffers, new_buffers in zip((self.keys, self.values), grown, strict=True):
-            for old, new in zip(old_buffers, new_buffers, strict=True):
-                new[:kept_rows, :, :kept_length] = old[:kept_rows, :, :kept_length]
-        self.keys, self.values = grown
+        if self.fixed:
+            if rows * length > self.capacity:
+                raise RuntimeError(f"The fixed slot storage cannot hold {rows} x {length}")
+            self._move_rows(rows, length)
+        else:
+            self._reallocate(rows, length, rows * length)
         self._used = self._used[:rows] + [False] * (rows - self.rows)
         self._reserved = self._reserved[:rows] + [0] * (rows - len(self._reserved))
         self.length = length
         self.generation += 1
 
-    def fix(self) -> None:
-        """Size the buffers once at the largest shape the budget allows; never change it again.
+    def _reallocate(self, rows: int, length: int, capacity: int) -> None:
+        """New storage of ``capacity`` positions viewed as ``rows`` x ``length``, rows copied.
 
-        Rows hold the longest sequence allowed; there are as many as the budget allows
-        after the prefix cache's cap (at least one; see ``KvBudget.fixed_shape``). No
-        slot may be taken.
+        Every new storage is allocated before any replaces an old one, so running out of
+        memory here leaves the cache as it was.
+        """
+        held = self.budget.slot_bytes
+        self.budget.claim(capacity * self.position_bytes)  # stored prefixes make room
+        try:
+            stores = tuple([self._empty(capacity, s.device) for s in kind] for kind in self._stores)
+        except BaseException:
+            self.budget.claim(held)
+            raise
+        kept_rows, kept_length = min(rows, self.rows), min(length, self.length)
+        views = []
+        for old_buffers, new_stores in zip((self.keys, self.values), stores, strict=True):
+            views.append([self._view(store, rows, length) for store in new_stores])
+            for old, new in zip(old_buffers, views[-1], strict=True):
+                new[:kept_rows, :, :kept_length] = old[:kept_rows, :, :kept_length]
+        self._stores = (stores[0], stores[1])
+        self.keys, self.values = views
+
+    def _move_rows(self, rows: int, length: int) -> None:
+        """View the same storage as ``rows`` x ``length``, moving each taken row's keys/values.
+
+        Row ``r`` starts at ``r * length`` positions, so a row moves when the length
+        changes: each one goes through a one-row copy, in increasing row order when the
+        length shrinks and decreasing when it grows, so no row is overwritten before it
+        has moved. What the taken rows do not hold is zeroed (stale values would reach
+        later sequences through masked positions).
+        """
+        old_length = self.length
+        kept = min(length, old_length)
+        taken = [i for i, used in enumerate(self._used) if used]
+        order = taken if length < old_length else taken[::-1]
+        free = [row for row in range(rows) if row >= len(self._used) or not self._used[row]]
+        views = []
+        for old_buffers, kind in zip((self.keys, self.values), self._stores, strict=True):
+            views.append([self._view(store, rows, length) for store in kind])
+            for old, new in zip(old_buffers, views[-1], strict=True):
+                if length != old_length:
+                    for row in order:
+                        new[row, :, :kept] = old[row, :, :kept].clone()
+                        new[row, :, kept:].zero_()
+                for row in free:
+                    new[row].zero_()
+        self.keys, self.values = views
+
+    def fix(self) -> None:
+        """Allocate the storage once at the budget's size; never reallocate it again.
+
+        It holds what the budget leaves after the prefix cache's cap (at least one
+        full-context row, at most ``max_rows`` of them), viewed at first as the rows of
+        ``KvBudget.fixed_shape``; later shapes re-view it (shorter rows, more of them).
+        No slot may be taken.
         """
         rows, length = self.budget.fixed_shape()
         if self.used:
             raise RuntimeError("The slot buffers can only be fixed while no slot is taken")
-        self.resize(rows, length)
+        if self.fixed:
+            return
+        budget = self.budget
+        capacity = rows * length
+        if budget.max_bytes is not None:
+            left = budget.max_bytes // self.position_bytes - budget.prefix.budget_tokens
+            most = left if budget.max_rows is None else min(left, budget.max_rows * length)
+            capacity = max(capacity, most)
+        self._reallocate(rows, length, capacity)
+        self._used = [False] * rows
+        self._reserved = [0] * rows
+        self.length = length
+        self.generation += 1
         self.fixed = True
 
     def move_down(self, source: int, length: int) -> int:
