@@ -4,7 +4,9 @@ A row is one request being decoded: its slot, its ids, its own restrictions (gra
 processors, suppressed tokens) and its text (UTF-8 safe, stop strings held back). A
 step picks every row's next token (``sampling.py``), sends each row's text, drops the
 rows that ended and feeds the rest one token (``slot_model.py``). A row that fails
-(NaN, a rejected token, an impossible mask) fails alone.
+(NaN, a rejected token, an impossible mask) fails alone; so does the newest row when
+a step runs out of memory. A new row takes its slot (``begin_row``) and its prompt is
+fed in chunks (``feed_prompt``) before it joins the running rows.
 """
 
 from __future__ import annotations
