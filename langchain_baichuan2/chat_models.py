@@ -301,7 +301,7 @@ class ChatBaichuan2(BaseChatModel):
     prefill_chunk_tokens: int | None = Field(default=None, ge=0)
     """Native backend: most prompt tokens fed between two decode steps, so a long
     prompt arriving does not stall the replies already streaming (chunked prefill).
-    None (default): 512; 0: whole prompts at once. The engine is shared by every
+    None (default): 256; 0: whole prompts at once. The engine is shared by every
     object on the same model: an explicit value applies to all of them."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)

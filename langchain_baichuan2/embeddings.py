@@ -121,7 +121,7 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
 
     Texts of one call are sorted by token count and cut into batches, so little
     compute goes to padding; padding never changes a vector. A batch holds at most
-    ``batch_size`` texts and 16,384 tokens (the memory the native engine sets aside
+    ``batch_size`` texts and 8,192 tokens (the memory the native engine sets aside
     for an embedding forward). Results come back in input order. An empty text has
     no tokens, so it is embedded as the one-token text ``[eos]`` (``</s>``, the
     end-of-text marker).

@@ -51,18 +51,18 @@ def test_the_default_budget_on_a_gpu_sets_aside_every_other_use(monkeypatch):
     temporaries = 10 * 64 * 125696 * 4
     # ... the graph pool: twice a 64-row step's activations and attention, plus 256 MiB ...
     graphs = 2**28 + 2 * (64 * 57600 * 2 + 64 * 32 * 4096 * 6)
-    # ... and a 16,384-token embedding forward with its 4096 x 4096 mask.
-    embedding = 16384 * 57600 * 2 + 16384 * 4096 * 10 + 8 * 4096 * 4096
+    # ... and an 8,192-token embedding forward with its 4096 x 4096 mask.
+    embedding = 8192 * 57600 * 2 + 8192 * 4096 * 10 + 8 * 4096 * 4096
     assert (prefill, temporaries, graphs, embedding) == (
         612630528,
         321781760,
         383844352,
-        2692743168,
+        1413480448,
     )
     set_aside = temporaries + graphs + max(prefill, embedding)  # never both forwards at once
     expected_positions = int(0.95 * 41 * GIB - set_aside) // position_bytes
-    assert expected_positions == 73287
-    assert kv == 73287 * position_bytes
+    assert expected_positions == 75727
+    assert kv == 75727 * position_bytes
     reserved = budget.Reservations.of(SEVEN_B, 4096, 64, 512, 2)
     assert reserved.total == set_aside
 

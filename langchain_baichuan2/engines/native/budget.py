@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
@@ -25,6 +26,8 @@ import torch
 from langchain_baichuan2.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Most requests decoding at once, whatever the memory budget allows.
 DEFAULT_MAX_ROWS = 64
@@ -35,7 +38,7 @@ GPU_MEMORY_SHARE = 0.95
 # steps, the penalized copy, the masks, softmax, top-k/top-p values and indices.
 STEP_TEMPORARIES = 10
 # Most tokens one embedding forward runs (``Baichuan2Embeddings`` cuts batches to it).
-EMBEDDING_FORWARD_TOKENS = 16384
+EMBEDDING_FORWARD_TOKENS = 8192
 # Allocator slack of a prefill, and a CUDA-graph pool's fixed part.
 PREFILL_SLACK = 2**29
 GRAPH_POOL_BASE = 2**28
@@ -309,3 +312,12 @@ class KvBudget:
         if held:
             logger.warning("Out of memory: emptied the prefix cache to make room")
         return held
+
+    def relieved(self, action: Callable[..., T], *args: Any) -> T:
+        """Run ``action(*args)``; out of memory, ``relieve`` and retry it once if that freed any."""
+        try:
+            return action(*args)
+        except torch.OutOfMemoryError:
+            if not self.relieve():
+                raise
+            return action(*args)

@@ -28,10 +28,10 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import torch
 
@@ -63,14 +63,12 @@ from langchain_baichuan2.prompt import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # Put in an engine's inbox to stop its worker, or to wake it for a warm-up.
 _SHUTDOWN = object()
 _WAKE = object()
 
 # Prompt tokens fed between two decode steps (measured: benchmarks/bench_chunked_prefill.py).
-DEFAULT_PREFILL_CHUNK_TOKENS = 512
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(eq=False)  # each group is itself: two groups with equal counts stay two
@@ -488,7 +486,7 @@ class NativeEngine(Engine):
     def _start(self, batch: Batch | None, request: Request) -> Batch | None:
         """Give ``request`` its slot (and cached prefix); a failure reaches only its caller."""
         try:
-            row = self._relieved(begin_row, self, request)
+            row = self.budget.relieved(begin_row, self, request)
         except Exception as e:  # this caller must see it; the others go on
             request.send(self._admission_error(request, e))
             return batch
@@ -515,7 +513,7 @@ class NativeEngine(Engine):
                     continue
                 tokens = min(len(request.prompt_ids) - row.length, left)
                 left -= tokens
-                logits = self._relieved(feed_prompt, self, row, tokens)
+                logits = self.budget.relieved(feed_prompt, self, row, tokens)
                 if logits is not None:
                     batch.prefilling.remove(row)
                     batch.add(row, logits)
@@ -524,15 +522,6 @@ class NativeEngine(Engine):
                     batch.prefilling.remove(row)
                 self.slot_model.cache.release(row.slot)
                 request.send(self._admission_error(request, e))
-
-    def _relieved(self, action: Callable[..., T], *args: Any) -> T:
-        """Run ``action(*args)``; out of memory, empty the prefix cache and retry it once."""
-        try:
-            return action(*args)
-        except torch.OutOfMemoryError:
-            if not self.budget.relieve():
-                raise
-            return action(*args)
 
     def _admission_error(self, request: Request, error: Exception) -> Exception:
         """What a request that failed to start is told (out of memory: the numbers)."""
