@@ -9,6 +9,7 @@ from langchain_baichuan2 import Baichuan2Embeddings, embeddings
 from langchain_baichuan2.engines.base import merge_chunks
 from langchain_baichuan2.engines.native import NativeEngine, budget
 from langchain_baichuan2.loading import load_model_and_tokenizer
+from langchain_baichuan2.prefix_cache import PrefixCache
 
 from .test_admission import generated, params, prompt
 from .tiny import run_together
@@ -178,3 +179,18 @@ def test_embedding_forwards_hold_at_most_the_tokens_set_aside(tiny_7b, monkeypat
     cut = Baichuan2Embeddings(model=str(tiny_7b), batch_size=16).embed_documents(texts)
     assert len(tokens) > 1 and max(tokens) <= 64
     assert torch.allclose(torch.tensor(cut), torch.tensor(whole), atol=1e-5)
+
+
+def test_the_prefix_cache_evicts_before_copying_a_new_entry():
+    cache = PrefixCache(budget_tokens=10)
+    held_while_copying = []
+
+    class Probe:  # stands for a layer's keys/values: records what the store held
+        def clone(self):
+            held_while_copying.append(cache.stored_tokens)
+            return self
+
+    cache.store(range(8), [(Probe(), Probe())])
+    cache.store(range(100, 108), [(Probe(), Probe())])
+    assert held_while_copying == [0, 0, 0, 0]  # the first entry left before the copy
+    assert cache.entries() == [tuple(range(100, 108))]
