@@ -278,8 +278,8 @@ class ChatBaichuan2(BaseChatModel):
     device, bitsandbytes and the official 4-bit checkpoints), ``"vllm"`` (vLLM's engine,
     fed the same prompt ids: higher throughput, several GPUs, several nodes) or
     ``"auto"`` (vLLM when it is installed, a CUDA GPU is present and no native-only
-    setting (``quantization``, ``device_map``, ``compile``, ``kv_cache_bytes``) is
-    given; else native)."""
+    setting (``quantization``, ``device_map``, ``compile``, ``kv_cache_bytes``,
+    ``prefill_chunk_tokens``) is given; else native)."""
 
     compile: bool | None = None
     """Native backend: run the decode step compiled with ``torch.compile`` (CUDA
@@ -293,8 +293,16 @@ class ChatBaichuan2(BaseChatModel):
     """Native backend: memory the running requests' key/value cache may take. Each
     request reserves room for ``min(prompt + max_tokens, context)`` tokens when it
     starts; requests beyond the budget wait until a running one ends. None (default):
-    90% of the GPU memory free after loading, less a prefill workspace; a quarter of
-    the memory available on a CPU. Applies when the model's engine is created (its first call)."""
+    95% of the GPU memory free after loading, less what the engine sets aside for
+    everything else (a prefill chunk, the decode step's temporaries, the CUDA-graph
+    pool, an embedding forward); a quarter of the memory available on a CPU. Applies
+    when the model's engine is created (its first call)."""
+
+    prefill_chunk_tokens: int | None = Field(default=None, ge=0)
+    """Native backend: most prompt tokens fed between two decode steps, so a long
+    prompt arriving does not stall the replies already streaming (chunked prefill).
+    None (default): 256; 0: whole prompts at once. The engine is shared by every
+    object on the same model: an explicit value applies to all of them."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)
     """``backend="vllm"``: GPUs each layer is split across. Default 1."""
@@ -397,6 +405,7 @@ class ChatBaichuan2(BaseChatModel):
             "backend": self.backend,
             "compile": self.compile,
             "kv_cache_bytes": self.kv_cache_bytes,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "vllm_kwargs": self.vllm_kwargs,

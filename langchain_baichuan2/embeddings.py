@@ -16,6 +16,7 @@ from transformers import BitsAndBytesConfig
 
 from langchain_baichuan2 import engines
 from langchain_baichuan2.arguments import reject_unknown_arguments
+from langchain_baichuan2.engines.native.budget import EMBEDDING_FORWARD_TOKENS
 from langchain_baichuan2.loading import LOAD_SETTINGS, LoadedModel, progress_enabled
 from langchain_baichuan2.loading.adapters import resolve_adapter_path
 from langchain_baichuan2.loading.registry import shared_adapter
@@ -61,6 +62,28 @@ def _right_padded(
     return input_ids.to(device), mask.long().to(device)
 
 
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length, cut into batches for one forward each.
+
+    A batch holds at most ``batch_size`` texts and, padded to its longest, at most
+    ``budget.EMBEDDING_FORWARD_TOKENS`` tokens (the memory the native engine sets aside
+    for it), or one text.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        batch = batches[-1] if batches else []
+        # Sorted: the newcomer is the batch's longest text.
+        if (
+            batch
+            and len(batch) < batch_size
+            and (len(batch) + 1) * lengths[i] <= (EMBEDDING_FORWARD_TOKENS)
+        ):
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Pool right-padded hidden states ``[batch, seq, hidden]`` into ``[batch, hidden]`` fp32.
 
@@ -97,9 +120,11 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
     in memory. Construction never loads anything.
 
     Texts of one call are sorted by token count and cut into batches, so little
-    compute goes to padding; padding never changes a vector. Results come back in
-    input order. An empty text has no tokens, so it is embedded as the one-token
-    text ``[eos]`` (``</s>``, the end-of-text marker).
+    compute goes to padding; padding never changes a vector. A batch holds at most
+    ``batch_size`` texts and 8,192 tokens (the memory the native engine sets aside
+    for an embedding forward). Results come back in input order. An empty text has
+    no tokens, so it is embedded as the one-token text ``[eos]`` (``</s>``, the
+    end-of-text marker).
 
     Setup:
         ```bash
@@ -329,17 +354,22 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         # never sees the pads after it, positions start at 0 for every row, and pad
         # outputs are excluded by the pooling. Skipping it also keeps the 13B (ALiBi)
         # mask at one [1, heads, L, L] tensor instead of one per text.
-        with loaded.lock, lora.applied(loaded.model, adapter):
-            out = decoder(
-                input_ids=input_ids,
-                attention_mask=None,
-                use_cache=False,
-                output_hidden_states=self.hidden_layer is not None,
-            )
-        if self.hidden_layer is None:
-            hidden = out.last_hidden_state
-        else:
-            hidden = out.hidden_states[self.hidden_layer]
+        layers = len(decoder.layers)
+        index = layers if self.hidden_layer is None else self.hidden_layer % (layers + 1)
+        kept: list[torch.Tensor] = []
+        # Only the pooled layer's states are kept (not every layer's, as
+        # output_hidden_states would): index 0 is the embeddings, i the output of layer i.
+        source = decoder.embed_tokens if index == 0 else decoder.layers[index - 1]
+        hook = None
+        if index < layers:
+            hook = source.register_forward_hook(lambda _module, _args, out: kept.append(out))
+        try:
+            with loaded.lock, lora.applied(loaded.model, adapter):
+                out = decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = kept[0] if kept else out.last_hidden_state
         vectors = _pool(hidden, mask, self.pooling)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
@@ -356,8 +386,8 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
             folder = resolve_adapter_path(self.adapter, revision=None, source=self.source)
             adapter = shared_adapter(loaded, str(folder))
         ids = self._tokenize(loaded, texts)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = _batches([len(row) for row in ids], self.batch_size)
+        order = [i for batch in batches for i in batch]
         show = progress_enabled(self.show_progress)
         bar = tqdm(batches, desc="Embedding", unit="batch", disable=not show or len(batches) < 2)
         sorted_vectors = torch.cat(

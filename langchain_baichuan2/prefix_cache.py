@@ -98,7 +98,9 @@ class PrefixCache:
         """Keep ``kv`` (``len(ids)`` positions per layer) for ``ids``.
 
         Entries that are prefixes of ``ids`` are dropped (the new entry serves them);
-        if an entry already extends ``ids``, it is only marked as recently used.
+        if an entry already extends ``ids``, it is only marked as recently used. Older
+        entries are evicted before the copy is made, so the store never holds more
+        than its limit, even for a moment.
         """
         key = tuple(ids)
         if not key or len(key) > self.limit:
@@ -110,15 +112,16 @@ class PrefixCache:
                 return
             for old in [k for k in self._entries if k == key[: len(k)]]:
                 del self._entries[old]
+            self._evict(room=len(key))
             self._entries[key] = [(k.clone(), v.clone()) for k, v in kv]
-            self._evict()
 
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
             self._entries.clear()
 
-    def _evict(self) -> None:
-        limit = self.limit
+    def _evict(self, room: int = 0) -> None:
+        """Evict least recently used entries until ``room`` more tokens fit the limit."""
+        limit = self.limit - room
         while self._entries and self.stored_tokens > limit:
             self._entries.popitem(last=False)

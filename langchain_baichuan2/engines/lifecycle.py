@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "native", "vllm"]
-_NATIVE_ONLY = ("quantization", "device_map", "compile", "kv_cache_bytes", "merged_adapter")
+_NATIVE_ONLY = (
+    "quantization",
+    "device_map",
+    "compile",
+    "kv_cache_bytes",
+    "prefill_chunk_tokens",
+    "merged_adapter",
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class EngineSpec:
     """Native only: the running requests' key/value memory."""
     prefix_cache_tokens: int = 0
     """Native only: the prefix cache's cap (the largest asked for applies)."""
+    prefill_chunk_tokens: int | None = None
+    """Native only: prompt tokens fed between two decode steps (the last asked applies)."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     vllm_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -197,6 +206,7 @@ def open(spec: EngineSpec) -> Engine:
                 spec.compile,
                 spec.kv_cache_bytes,
                 prefix_cache_tokens=spec.prefix_cache_tokens,
+                prefill_chunk_tokens=spec.prefill_chunk_tokens,
             )
         except ModelUnloadedError:
             continue  # unloaded between the lookup and the start: load it again

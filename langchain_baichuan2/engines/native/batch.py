@@ -4,7 +4,9 @@ A row is one request being decoded: its slot, its ids, its own restrictions (gra
 processors, suppressed tokens) and its text (UTF-8 safe, stop strings held back). A
 step picks every row's next token (``sampling.py``), sends each row's text, drops the
 rows that ended and feeds the rest one token (``slot_model.py``). A row that fails
-(NaN, a rejected token, an impossible mask) fails alone.
+(NaN, a rejected token, an impossible mask) fails alone; so does the newest row when
+a step runs out of memory. A new row takes its slot (``begin_row``) and its prompt is
+fed in chunks (``feed_prompt``) before it joins the running rows.
 """
 
 from __future__ import annotations
@@ -149,36 +151,51 @@ def keep_for_reuse(engine: EngineParts, ids: list[int], slot: int) -> None:
         logger.warning("No memory to keep a prompt's key/value cache for reuse")
 
 
-@torch.inference_mode()
-def start_row(engine: EngineParts, request: Request) -> tuple[Row, torch.Tensor]:
-    """Run one prompt into a free slot (reusing a cached prefix); return row, logits.
+def begin_row(engine: EngineParts, request: Request) -> Row:
+    """Give a request its slot and the keys/values of its longest cached prefix.
 
-    The slot is sized for the request's whole life (``request.reserved``).
+    The slot is sized for the request's whole life (``request.reserved``); the rest of
+    the prompt is fed by ``feed_prompt``. If this fails, the slot is free again.
     """
     row = Row(request, engine)
     prompt = request.prompt_ids
-    reuse = row.reuse_prefix
-    reused, prefix_kv = engine.prefix_cache.lookup(prompt) if reuse else (0, None)
+    reused, prefix_kv = engine.prefix_cache.lookup(prompt) if row.reuse_prefix else (0, None)
     slots = engine.slot_model
     with engine.loaded.lock:
         row.slot = slots.acquire(request.reserved)
         try:
-            start = time.perf_counter()
             if prefix_kv is not None:
                 slots.write(row.slot, prefix_kv)
-            logits = slots.prefill(row.slot, prompt[reused:], reused, row.adapter)
-            if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
-                torch.cuda.synchronize(logits.device)
-            row.prompt_seconds = time.perf_counter() - start
-            if reuse:
-                keep_for_reuse(engine, prompt, row.slot)
         except BaseException:
             slots.cache.release(row.slot)
             raise
-    row.length = len(prompt)
-    row.cached_tokens = reused
+    row.length = row.cached_tokens = reused
+    return row
+
+
+@torch.inference_mode()
+def feed_prompt(engine: EngineParts, row: Row, tokens: int | None = None) -> torch.Tensor | None:
+    """Prefill the next ``tokens`` of a row's prompt (None: all the rest) into its slot.
+
+    Returns the last position's logits once the whole prompt is in (the row may then
+    join the batch), else None. The caller frees the slot if this fails.
+    """
+    prompt = row.request.prompt_ids
+    end = len(prompt) if tokens is None else min(len(prompt), row.length + tokens)
+    slots = engine.slot_model
+    with engine.loaded.lock:
+        start = time.perf_counter()
+        logits = slots.prefill(row.slot, prompt[row.length : end], row.length, row.adapter)
+        if logits.device.type == "cuda":  # kernels run asynchronously: wait for them
+            torch.cuda.synchronize(logits.device)
+        row.prompt_seconds += time.perf_counter() - start
+        if end == len(prompt) and row.reuse_prefix:
+            keep_for_reuse(engine, prompt, row.slot)
+    row.length = end
+    if end < len(prompt):
+        return None
     row.started = time.perf_counter()
-    return row, logits
+    return logits
 
 
 def _row_error(row: Row, excluded: int, overflowed: int) -> Exception | None:
@@ -201,6 +218,9 @@ def _row_error(row: Row, excluded: int, overflowed: int) -> Exception | None:
 class Batch:
     """The running rows, the device tensors describing them, and their next-token logits.
 
+    Rows whose prompt is still being fed (``prefilling``, chunked prefill) hold their
+    slots here too, and join the running rows once their prompt is in (``add``).
+
     Settings, slots and positions are tensors rebuilt only when a row joins, leaves or
     moves; a step advances positions and appends the new tokens to the seen ids in place.
     """
@@ -208,6 +228,8 @@ class Batch:
     def __init__(self, engine: EngineParts) -> None:
         self.engine = engine
         self.rows: list[Row] = []
+        # Rows whose prompt is still being fed, chunk by chunk (their slots are taken).
+        self.prefilling: list[Row] = []
         device = engine.device
         self.logits = torch.empty(0, engine.vocab_size, device=device)  # [B, V]
         # Every id each row has fed or picked (for the repetition penalty), padded with
@@ -283,11 +305,16 @@ class Batch:
         self.logits, self.seen_ids = self.logits[select], self.seen_ids[select]
         self._refresh()
 
+    @property
+    def holding(self) -> list[Row]:
+        """Every row with a slot: the running rows, then those whose prompt is being fed."""
+        return [*self.rows, *self.prefilling]
+
     def release(self) -> None:
         """Free every row's slot (the batch is over)."""
-        for row in self.rows:
+        for row in self.holding:
             self.engine.slot_model.cache.release(row.slot)
-        self.rows = []
+        self.rows, self.prefilling = [], []
 
     def _mask_row(self, row: Row, logits: torch.Tensor) -> None:
         """Apply a row's own restrictions (min_new_tokens, processors, grammar) in place."""
@@ -307,8 +334,9 @@ class Batch:
         """Pick every row's next token, send the text, drop finished rows, advance.
 
         A row ends at eos, a stop string, ``max_new_tokens`` or the context length
-        (``"length"``); a row whose logits hold NaN fails alone. An empty batch does
-        nothing.
+        (``"length"``); a row whose logits hold NaN fails alone, and so does the newest
+        row when the device runs out of memory (see ``_decode``). A batch without
+        running rows does nothing.
         """
         engine, rows = self.engine, self.rows
         if not rows:
@@ -371,20 +399,75 @@ class Batch:
             self.keep(keep)
             next_tokens = next_tokens[keep]
             self._compact()
-        if not self.rows:
+        self._decode(next_tokens)
+
+    def _decode(self, tokens: torch.Tensor) -> None:
+        """Feed every row its picked token (``tokens``, ``[B]``) and keep the new logits.
+
+        Out of memory: the budget is relieved (the prefix cache emptied) and the step
+        retried once; past that, the newest row fails with the numbers and frees its
+        slot, and the step is retried without it, so the older rows go on.
+        """
+        slots = self.engine.slot_model
+        relieved = False
+        while self.rows:
+            try:
+                self.logits = self._run_decode(tokens)
+            except torch.OutOfMemoryError as e:
+                if not relieved and slots.cache.budget.relieve():
+                    relieved = True
+                    continue
+                self._fail_newest(e)
+                tokens = tokens[:-1]
+                continue
+            for row in self.rows:
+                row.length += 1
+            self.positions += 1
             return
-        with engine.loaded.lock:
-            self.logits = engine.slot_model.decode(
-                [row.slot for row in self.rows],
-                max(row.length for row in self.rows) + 1,
-                self.slot_index,
-                next_tokens,
-                self.positions,
-                self.adapters,
-            )
-        for row in self.rows:
-            row.length += 1
-        self.positions += 1
+
+    def _run_decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step of the rows, keeping the prompts being fed intact.
+
+        A step writes a dummy token at position 0 of every slot in its range that no
+        row holds; a slot whose prompt is being fed holds real keys there, so they are
+        saved before the step and put back after it.
+        """
+        slots = self.engine.slot_model
+        with self.engine.loaded.lock:
+            saved = [
+                (row.slot, [(k.clone(), v.clone()) for k, v in slots.read(row.slot, 1)])
+                for row in self.prefilling
+                if row.length
+            ]
+            try:
+                return slots.decode(
+                    [row.slot for row in self.rows],
+                    max(row.length for row in self.rows) + 1,
+                    self.slot_index,
+                    tokens,
+                    self.positions,
+                    self.adapters,
+                )
+            finally:
+                for slot, kv in saved:
+                    slots.write(slot, kv)
+
+    def _fail_newest(self, error: torch.OutOfMemoryError) -> None:
+        """Stop the newest row with an out-of-memory error that gives the numbers."""
+        newest = self.rows[-1]
+        cache = self.engine.slot_model.cache
+        msg = (
+            f"Out of memory in a decode step of {len(self.rows)} rows (slot buffers of "
+            f"{cache.rows} x {cache.length} positions, kv_cache_bytes="
+            f"{cache.budget.max_bytes}); this request, the newest, was stopped after "
+            f"{newest.generated} tokens so the other {len(self.rows) - 1} go on. Lower "
+            f"max_rows or kv_cache_bytes, or send fewer requests at once. {error}"
+        )
+        out_of_memory = torch.OutOfMemoryError(msg)
+        out_of_memory.__cause__ = error
+        newest.request.send(out_of_memory)
+        cache.release(newest.slot)
+        self.keep(list(range(len(self.rows) - 1)))
 
     def _compact(self) -> None:
         """Move rows down into freed slots when that shrinks the step's row bucket.

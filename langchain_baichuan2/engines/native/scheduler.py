@@ -2,8 +2,12 @@
 
 Requests (prompt ids + sampling settings) are queued. The worker prefills each new
 request into its own slot of the KV cache and adds it to the running batch between
-decode steps (continuous batching; ``batch.py``). An error in a prefill reaches that
-caller, one in a decode step every caller of the batch; the worker keeps serving.
+decode steps (continuous batching; ``batch.py``). Prompts are fed in chunks: each
+worker iteration feeds at most ``prefill_chunk_tokens`` prompt tokens, then runs one
+decode step, so a burst of long prompts does not stall the running streams. An error
+in a prefill reaches that caller, one in a decode step every caller of the batch; the
+worker keeps serving. Out of memory first empties the prefix cache and retries once;
+in a decode step it then fails only the newest row.
 
 Admission: a request joins when its whole slot fits, ``min(prompt + max_new_tokens,
 context)`` positions reserved up front within the memory budget (``budget.py``), so
@@ -19,6 +23,7 @@ import asyncio
 import contextvars
 import logging
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -39,7 +44,13 @@ from langchain_baichuan2.engines.base import (
     seconds_to_wait,
     timeout_timer,
 )
-from langchain_baichuan2.engines.native.batch import Batch, Request, Row, start_row
+from langchain_baichuan2.engines.native.batch import (
+    Batch,
+    Request,
+    Row,
+    begin_row,
+    feed_prompt,
+)
 from langchain_baichuan2.engines.native.budget import DEFAULT_MAX_ROWS, default_kv_cache_bytes
 from langchain_baichuan2.engines.native.limits import check_request
 from langchain_baichuan2.engines.native.sampling import RowSettings, choose_tokens
@@ -55,6 +66,9 @@ logger = logging.getLogger(__name__)
 # Put in an engine's inbox to stop its worker, or to wake it for a warm-up.
 _SHUTDOWN = object()
 _WAKE = object()
+
+# Prompt tokens fed between two decode steps (measured: benchmarks/bench_chunked_prefill.py).
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 @dataclass(eq=False)  # each group is itself: two groups with equal counts stay two
@@ -84,13 +98,17 @@ class NativeEngine(Engine):
             GPU (see ``set_compile``).
         kv_cache_bytes: Memory the key/value buffers of running requests and the
             prefix cache's stored prompts may take together; requests beyond it wait
-            for a running one to end. None: 90% of the GPU memory free after loading,
-            less a prefill workspace (see ``default_kv_cache_bytes``); a quarter of the
-            memory available on a CPU.
+            for a running one to end. None: 95% of the GPU memory free after loading,
+            less what is set aside for everything else (``budget.Reservations``: a
+            prefill chunk's workspace, the step temporaries, the CUDA-graph pool, an
+            embedding forward); a quarter of the memory available on a CPU.
         max_rows: Most requests decoding at once.
         prefix_cache_tokens: The prefix cache's first cap (see
             ``set_prefix_cache_tokens``); set before a GPU warm-up sizes the buffers,
             which leave it its share.
+        prefill_chunk_tokens: Most prompt tokens fed per worker iteration, between two
+            decode steps of the running rows (one prefill call each at most); None or
+            0: whole prompts at once.
 
     Attributes:
         context_length: Longest sequence (prompt and output) a request may reach:
@@ -113,6 +131,7 @@ class NativeEngine(Engine):
         kv_cache_bytes: int | None = None,
         max_rows: int = DEFAULT_MAX_ROWS,
         prefix_cache_tokens: int = 0,
+        prefill_chunk_tokens: int | None = DEFAULT_PREFILL_CHUNK_TOKENS,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -132,12 +151,18 @@ class NativeEngine(Engine):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.max_rows = max_rows
+        self.set_prefill_chunk_tokens(prefill_chunk_tokens)
         self.slot_model = SlotModel(self.model, max_length=self.context_length, max_rows=max_rows)
         cache = self.slot_model.cache
         self.budget = cache.budget
         if kv_cache_bytes is None:
             kv_cache_bytes = default_kv_cache_bytes(
-                cache.devices, cache.position_bytes, self.model.config, self.context_length
+                cache.devices,
+                cache.position_bytes,
+                self.model.config,
+                self.context_length,
+                max_rows,
+                self.prefill_chunk_tokens,
             )
         self.budget.set_bytes(kv_cache_bytes)
         self.prefix_cache = self.budget.prefix
@@ -276,6 +301,16 @@ class NativeEngine(Engine):
             lambda: GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_ids)),
         )
 
+    def set_prefill_chunk_tokens(self, tokens: int | None) -> None:
+        """Feed at most ``tokens`` prompt tokens between two decode steps (None or 0: all).
+
+        Applies from the worker's next iteration. The default key/value budget was
+        sized with the first value's prefill workspace.
+        """
+        if tokens is not None and tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {tokens}")
+        self.prefill_chunk_tokens = tokens or None
+
     def set_prefix_cache_tokens(self, tokens: int) -> None:
         """Grow the store of reusable prompt KV caches to ``tokens`` if it is smaller.
 
@@ -372,10 +407,12 @@ class NativeEngine(Engine):
     def _serve(self) -> None:
         """Continuous batching: new requests join the running batch between steps.
 
-        Requests join once their slot fits (see ``_admit``). An error while admitting
-        one request (out of memory included) reaches that caller only; an error in a
-        decode step, or an unexpected one, ends the batch with that error for every
-        caller in it. A warm-up asked for runs as soon as no batch runs. The worker
+        Requests take a slot once it fits and their prompt is fed in chunks (see
+        ``_admit``). An error while admitting or feeding one request (out of memory
+        included) reaches that caller only, and so does out of memory in a decode step
+        (the newest row's); any other error in a decode step, or an unexpected one, ends
+        the batch with that error for every caller in it.
+        A warm-up asked for runs as soon as no batch runs. The worker
         goes on serving until it takes the shutdown marker; whenever it stops, every
         request it holds or that is still queued is answered.
         """
@@ -395,16 +432,16 @@ class NativeEngine(Engine):
                     if batch is not None:
                         self._step(batch)
                 except BaseException as e:  # every caller in the batch must see it
-                    for row in batch.rows if batch is not None else []:
+                    for row in batch.holding if batch is not None else []:
                         row.request.send(e)
                     if batch is not None:
                         batch.release()
                     batch = None
-                if batch is not None and not batch.rows:
+                if batch is not None and not batch.holding:
                     batch = None
         finally:
             stopped = EngineStoppedError("The Baichuan2 engine was shut down")
-            for row in batch.rows if batch is not None else []:
+            for row in batch.holding if batch is not None else []:
                 row.request.send(stopped)
             if batch is not None:
                 batch.release()
@@ -419,12 +456,13 @@ class NativeEngine(Engine):
                 self._warm_up.ended.set()
 
     def _admit(self, batch: Batch | None) -> Batch | None:
-        """Prefill waiting requests into the batch, in order, while their slots fit.
+        """Give waiting requests slots, in order, while they fit; feed one chunk of prompts.
 
         A request whose slot does not fit waits; later ones that fit pass it, until it
         has been passed ``MAX_PASSES`` times: then those behind it wait too, until
         running rows end and it fits. One that fails to start gets its error; the
-        others go on. Returns the batch, or None when no row runs.
+        others go on. Then ``_feed`` runs. Returns the batch, or None when it holds no
+        row.
         """
         waiting: list[Request] = []
         blocked = False
@@ -433,7 +471,7 @@ class NativeEngine(Engine):
         for request in taken:
             if request.cancelled.is_set():
                 continue
-            running = batch is not None and bool(batch.rows)
+            running = batch is not None and bool(batch.holding)
             if blocked or (running and not self.slot_model.cache.fits(request.reserved)):
                 waiting.append(request)
                 blocked = blocked or request.passed >= self.MAX_PASSES
@@ -442,21 +480,49 @@ class NativeEngine(Engine):
                 passed.passed += 1
             batch = self._start(batch, request)
         self._pending.extend(waiting)
-        return batch if batch is not None and batch.rows else None
+        if batch is not None:
+            self._feed(batch)
+        return batch if batch is not None and batch.holding else None
 
     def _start(self, batch: Batch | None, request: Request) -> Batch | None:
-        """Prefill ``request`` and add it to the batch; a failure reaches only its caller."""
-        row: Row | None = None
+        """Give ``request`` its slot (and cached prefix); a failure reaches only its caller."""
         try:
-            row, logits = start_row(self, request)
-            if batch is None:
-                batch = Batch(self)
-            batch.add(row, logits)
+            row = self.budget.relieved(begin_row, self, request)
         except Exception as e:  # this caller must see it; the others go on
-            if row is not None:
-                self.slot_model.cache.release(row.slot)
             request.send(self._admission_error(request, e))
+            return batch
+        if batch is None:
+            batch = Batch(self)
+        batch.prefilling.append(row)
         return batch
+
+    def _feed(self, batch: Batch) -> None:
+        """Feed at most ``prefill_chunk_tokens`` prompt tokens, oldest rows first.
+
+        A row whose prompt is in joins the running rows; a cancelled one frees its
+        slot; one that fails gets its error and frees its slot, and the others go on.
+        """
+        left = self.prefill_chunk_tokens or sys.maxsize
+        for row in list(batch.prefilling):
+            if left <= 0:
+                return
+            request = row.request
+            try:
+                if request.cancelled.is_set():
+                    batch.prefilling.remove(row)
+                    self.slot_model.cache.release(row.slot)
+                    continue
+                tokens = min(len(request.prompt_ids) - row.length, left)
+                left -= tokens
+                logits = self.budget.relieved(feed_prompt, self, row, tokens)
+                if logits is not None:
+                    batch.prefilling.remove(row)
+                    batch.add(row, logits)
+            except Exception as e:  # this caller must see it; the others go on
+                if row in batch.prefilling:
+                    batch.prefilling.remove(row)
+                self.slot_model.cache.release(row.slot)
+                request.send(self._admission_error(request, e))
 
     def _admission_error(self, request: Request, error: Exception) -> Exception:
         """What a request that failed to start is told (out of memory: the numbers)."""
@@ -519,18 +585,24 @@ def engine_for(
     kv_cache_bytes: int | None = None,
     max_rows: int = DEFAULT_MAX_ROWS,
     prefix_cache_tokens: int = 0,
+    prefill_chunk_tokens: int | None = None,
 ) -> NativeEngine:
     """Return the one engine serving ``loaded`` (created on first use, with these settings).
 
-    An engine already running honours ``compile`` (the last one asked applies) and a
-    larger ``prefix_cache_tokens``; a different ``kv_cache_bytes`` or ``max_rows``
-    cannot apply to it, so it warns (``UserWarning``) naming both values.
+    An engine already running honours ``compile`` (the last one asked applies), a
+    larger ``prefix_cache_tokens`` and ``prefill_chunk_tokens`` (None: leave it; the
+    engine starts with ``DEFAULT_PREFILL_CHUNK_TOKENS``); a different
+    ``kv_cache_bytes`` or ``max_rows`` cannot apply to it, so it warns
+    (``UserWarning``) naming both values.
     """
+    chunk = DEFAULT_PREFILL_CHUNK_TOKENS if prefill_chunk_tokens is None else prefill_chunk_tokens
     engine = loaded.shared(
         "engine",
-        lambda: NativeEngine(loaded, compile, kv_cache_bytes, max_rows, prefix_cache_tokens),
+        lambda: NativeEngine(loaded, compile, kv_cache_bytes, max_rows, prefix_cache_tokens, chunk),
     )
     engine.set_prefix_cache_tokens(prefix_cache_tokens)
+    if prefill_chunk_tokens is not None:
+        engine.set_prefill_chunk_tokens(prefill_chunk_tokens)
     asked = {"kv_cache_bytes": kv_cache_bytes, "max_rows": max_rows}
     running = {"kv_cache_bytes": engine.kv_cache_bytes, "max_rows": engine.max_rows}
     for name, value in asked.items():
