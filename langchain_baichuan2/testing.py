@@ -346,6 +346,7 @@ def make_tiny_checkpoint(
     tokenizer_model: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a random tiny Baichuan2 model in the official folder layout.
 
@@ -369,6 +370,9 @@ def make_tiny_checkpoint(
             with the official settings and the official ids 0..1344.
         dtype: Dtype of the stored weights (and of the config's ``torch_dtype``).
         seed: Seed of the random weights.
+        vocab_size: Grow the tokenizer to this many pieces with unused ones (which
+            encoding never gives but decoding shows as ``<unused_N>``), so that a model
+            of the real vocabulary can run on the tiny tokenizer; None: as trained.
 
     Returns:
         The folder path.
@@ -394,6 +398,8 @@ def make_tiny_checkpoint(
         (folder / "tokenizer.model").write_bytes(_train_tokenizer())
     else:
         shutil.copyfile(tokenizer_model, folder / "tokenizer.model")
+    if vocab_size is not None:
+        _pad_tokenizer(folder / "tokenizer.model", vocab_size)
     tokenizer = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     vocab_size = tokenizer.get_piece_size()
 
@@ -430,6 +436,18 @@ def make_tiny_checkpoint(
     _write_json(folder / "special_tokens_map.json", special_tokens_map)
     _write_weights(folder, _random_state_dict(config, dtype, seed), weights, num_shards)
     return folder
+
+
+def _pad_tokenizer(path: Path, pieces: int) -> None:
+    """Grow the SentencePiece model at ``path`` to ``pieces`` pieces with unused ones."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    for n in range(pieces - len(model.pieces)):
+        model.pieces.add(piece=f"<unused_{n}>", score=-1e9, type=unused)
+    path.write_bytes(model.SerializeToString())
 
 
 def _legacy_quant_state(weight: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:

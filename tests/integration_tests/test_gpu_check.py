@@ -1,0 +1,120 @@
+"""benchmarks/gpu_check.py on tiny shapes on the CPU: every code path but CUDA's.
+
+The compiled step is simulated (``torch.compile`` returns the function itself), as a
+real CPU compile of each shape takes about a minute; a failing compiler and a failing
+warm-up must never be reported as compiled.
+"""
+
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from langchain_baichuan2.decoding import IncrementalDecoder
+from langchain_baichuan2.engines.native.batch import Row
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+# Short lengths: one key bucket, so the warm-up has 4 row buckets to "compile".
+TINY = ["--tiny", "--device", "cpu", "--prompt-tokens", "48", "--context", "128"]
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """The benchmark script as a module (it imports ``common`` from its folder)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("common", None)
+
+
+def passthrough_compile(calls):
+    def compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    return compile
+
+
+def test_every_model_and_mode(gpu_check, monkeypatch, capsys):
+    calls, decoded = [], []
+    monkeypatch.setattr(torch, "compile", passthrough_compile(calls))
+    row_init = Row.__init__
+
+    def keep_row(self, *args):
+        row_init(self, *args)
+        decoded.append(self)
+
+    monkeypatch.setattr(Row, "__init__", keep_row)
+    rows = gpu_check.main([*TINY, "--new-tokens", "6"])
+    out = capsys.readouterr().out
+
+    # Every request took the default sampling path: nothing masked, nothing suppressed.
+    assert decoded and not any(row.restricted or row.min_new_tokens for row in decoded)
+
+    assert [r["model"] for r in rows] == ["7B bf16", "7B nf4", "13B bf16"]
+    assert calls, "the compiled engine never compiled"
+    for row in rows:
+        assert row["prefill tok/s"] > 0
+        for batch in (1, 8):
+            assert row[f"b{batch} eager tok/s"] > 0
+            assert 0 < row[f"b{batch} eager % bound"] < math.inf
+        assert 0 < row["eager peak GiB"]
+        assert row["generate() b1 tok/s"] > 0
+    for row in (rows[0], rows[2]):  # bf16: compiled too; nf4 stays eager
+        assert row["compile status"].startswith("compiled (")
+        assert row["b8 compiled tok/s"] > 0 and row["compiled warm-up s"] > 0
+    assert "compile status" not in rows[1] and "b1 compiled tok/s" not in rows[1]
+    # One table (a header and a rule), then the three goals, all n/a without a GPU.
+    lines = out.splitlines()
+    assert sum(line.startswith("| model |") for line in lines) == 1
+    assert sum(line.startswith("|---") for line in lines) == 1
+    goals = [line for line in lines if line.startswith("goal, 7B bf16")]
+    assert len(goals) == 3 and all(line.endswith("n/a (no GPU)") for line in goals)
+    assert "b1 compiled share of the bandwidth bound" in goals[0]
+
+
+def test_the_tokenizer_decodes_every_id_of_the_model(gpu_check):
+    tokenizer = gpu_check.covering_tokenizer(4096)
+    assert len(tokenizer) == 4096  # the tiny trained tokenizer has ~1,800 pieces
+    decoder = IncrementalDecoder(tokenizer)  # the engine's detokenizer
+    text = decoder.push(range(3, 4096)) + decoder.flush()
+    assert re.search(r"<unused_\d+><unused_\d+>$", text)
+    assert tokenizer.encode("hello world") == gpu_check.covering_tokenizer(2000).encode(
+        "hello world"
+    )
+
+
+def broken_compile(fn, **kwargs):
+    def step(*args, **kw):
+        raise RuntimeError("no C++ compiler here")
+
+    return step
+
+
+def test_a_failed_compile_is_labelled_eager(gpu_check, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    (row,) = gpu_check.main([*TINY, "--models", "7B", "--no-4bit", "--new-tokens", "4"])
+    status = row["compile status"]
+    assert status.startswith("eager (compile failed: ") and "no C++ compiler here" in status
+    goals = [line for line in capsys.readouterr().out.splitlines() if line.startswith("goal")]
+    assert "b1 eager share" in goals[0]
+
+
+def test_a_failed_warm_up_is_labelled_eager(gpu_check, monkeypatch):
+    """Out of memory in the warm-up ends it (logged) without marking compiling failed."""
+    from langchain_baichuan2.engines.native.slot_model import SlotModel
+
+    def out_of_memory(self, *arguments):
+        if self._warming:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return None  # serving: the eager step
+
+    monkeypatch.setattr(SlotModel, "_compiled_step", out_of_memory)
+    (row,) = gpu_check.main([*TINY, "--models", "7B", "--no-4bit", "--new-tokens", "4"])
+    assert row["compile status"].startswith("eager (compile failed: ")
