@@ -26,9 +26,12 @@ Prints one table, a row per model:
 Then the goals for 7B bf16 (compiled when it compiled), each PASS or FAIL: batch 1
 and batch 8 at >= 60% of the bound, batch 1 >= 2x ``generate()``.
 
-    python benchmarks/gpu_check.py                  # on a CUDA machine (~5 min on an H100)
+    python benchmarks/gpu_check.py                  # on a CUDA machine (< 8 min on an H100)
     python benchmarks/gpu_check.py --models 7B --no-4bit   # the goals only, sooner
-    python benchmarks/gpu_check.py --tiny --device cpu     # smoke test of the script
+    python benchmarks/gpu_check.py --tiny --device cpu --no-compile   # smoke test, ~1 min
+
+On a CPU, ``--tiny`` without ``--no-compile`` compiles every step shape for real (about
+a minute each); the tests simulate the compiler instead (``test_gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -325,7 +328,6 @@ def measure(
             model.generate(
                 ids,
                 max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
             )

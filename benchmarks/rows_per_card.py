@@ -79,7 +79,8 @@ def rows_table(lengths: tuple[int, ...] = (1024, 4096)) -> list[dict]:
                 }
                 for length in lengths:
                     fits = budget // (length * position_bytes(config))
-                    row[f"rows at {length // 1024}k"] = min(DEFAULT_MAX_ROWS, fits)
+                    rows = min(DEFAULT_MAX_ROWS, fits) if free > 0 else "does not fit"
+                    row[f"rows at {length // 1024}k"] = rows
                 table.append(row)
     return table
 

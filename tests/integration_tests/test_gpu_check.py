@@ -118,3 +118,46 @@ def test_a_failed_warm_up_is_labelled_eager(gpu_check, monkeypatch):
     monkeypatch.setattr(SlotModel, "_compiled_step", out_of_memory)
     (row,) = gpu_check.main([*TINY, "--models", "7B", "--no-4bit", "--new-tokens", "4"])
     assert row["compile status"].startswith("eager (compile failed: ")
+
+
+@pytest.fixture
+def rows_per_card(monkeypatch):
+    """benchmarks/rows_per_card.py as a module."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    path = BENCHMARKS / "rows_per_card.py"
+    spec = importlib.util.spec_from_file_location("rows_per_card", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("common", None)
+
+
+def released_parameters(hidden, intermediate, layers, vocab=125696):
+    """Parameters of a released Baichuan2 model, counted from its architecture."""
+    per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def test_rows_per_card_counts_weights_and_rows(rows_per_card, monkeypatch):
+    seven, thirteen = rows_per_card.real_config("7B"), rows_per_card.real_config("13B")
+    assert rows_per_card.weight_bytes(seven, False) == 2 * released_parameters(4096, 11008, 32)
+    assert released_parameters(4096, 11008, 32) == 7_505_973_248  # Baichuan2-7B
+    assert rows_per_card.weight_bytes(thirteen, False) == 2 * released_parameters(5120, 13696, 40)
+    linears = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    four_bit = rows_per_card.weight_bytes(seven, True)
+    # 4 bits a weight, an 8-bit scale per 64 and an fp32 scale per 64 x 256: 0.5159 bytes.
+    expected = 2 * (released_parameters(4096, 11008, 32) - linears) + linears * 0.5159
+    assert four_bit == pytest.approx(expected, rel=1e-4)
+    assert rows_per_card.position_bytes(seven) == 32 * 2 * 4096 * 2
+    assert rows_per_card.position_bytes(thirteen) == 40 * 2 * 5120 * 2
+
+    # The engine's own budget: below what is free, most of it when much is free.
+    free = 60 * 2**30
+    assert 0.85 * free - 8 * 2**30 < rows_per_card.kv_budget(seven, free) < free
+
+    monkeypatch.setattr(rows_per_card, "kv_budget", lambda config, free: 10 * 2**30)
+    table = {(r["card"], r["model"]): r for r in rows_per_card.rows_table()}
+    assert table["80 GB", "7B bf16"]["rows at 1k"] == 20  # 10 GiB / (1k x 0.5 MiB)
+    assert table["80 GB", "7B bf16"]["rows at 4k"] == 5
+    assert table["80 GB", "13B bf16"]["rows at 1k"] == 12  # 10 GiB / (1k x 0.78 MiB)
+    assert table["24 GB", "13B bf16"]["rows at 4k"] == "does not fit"
