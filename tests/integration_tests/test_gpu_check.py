@@ -9,6 +9,7 @@ import importlib.util
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_every_model_and_mode(gpu_check, monkeypatch, capsys):
         assert row["generate() b1 tok/s"] > 0
     for row in (rows[0], rows[2]):  # bf16: compiled too; nf4 stays eager
         assert row["compile status"].startswith("compiled (")
-        assert row["b8 compiled tok/s"] > 0 and row["compiled warm-up s"] > 0
+        assert row["b8 compiled tok/s"] > 0 and row["warm-up s"] > 0
     assert "compile status" not in rows[1] and "b1 compiled tok/s" not in rows[1]
     # One table (a header and a rule), then the three goals, all n/a without a GPU.
     lines = out.splitlines()
@@ -118,6 +119,25 @@ def test_a_failed_warm_up_is_labelled_eager(gpu_check, monkeypatch):
     monkeypatch.setattr(SlotModel, "_compiled_step", out_of_memory)
     (row,) = gpu_check.main([*TINY, "--models", "7B", "--no-4bit", "--new-tokens", "4"])
     assert row["compile status"].startswith("eager (compile failed: ")
+
+
+def test_a_warm_up_past_its_timeout_stops_the_run(gpu_check, monkeypatch, capsys):
+    """The warm-up cannot be cancelled: the table so far, nothing labelled compiled."""
+    from langchain_baichuan2.engines.native.slot_model import SlotModel
+
+    warm_up = SlotModel.warm_up
+
+    def slow(self):
+        if self.compile:
+            time.sleep(3)
+        warm_up(self)
+
+    monkeypatch.setattr(SlotModel, "warm_up", slow)
+    rows = gpu_check.main([*TINY, "--warmup-timeout", "1", "--new-tokens", "4"])
+    assert [r["model"] for r in rows] == ["7B bf16"]  # neither 7B nf4 nor 13B
+    assert rows[0]["compile status"] == "eager (warm-up not done in 1.0 s)"
+    assert rows[0]["b1 eager tok/s"] > 0 and "b1 compiled tok/s" not in rows[0]
+    assert "| 7B bf16 |" in capsys.readouterr().out
 
 
 @pytest.fixture
