@@ -9,6 +9,7 @@ import importlib.util
 import math
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def test_every_model_and_mode(gpu_check, monkeypatch, capsys):
     # Every request took the default sampling path: nothing masked, nothing suppressed.
     assert decoded and not any(row.restricted or row.min_new_tokens for row in decoded)
 
-    assert [r["model"] for r in rows] == ["7B bf16", "7B nf4", "13B bf16"]
+    assert [r["model"] for r in rows] == ["7B bf16", "13B bf16", "7B nf4"]
     assert calls, "the compiled engine never compiled"
     for row in rows:
         assert row["prefill tok/s"] > 0
@@ -67,10 +68,10 @@ def test_every_model_and_mode(gpu_check, monkeypatch, capsys):
             assert 0 < row[f"b{batch} eager % bound"] < math.inf
         assert 0 < row["eager peak GiB"]
         assert row["generate() b1 tok/s"] > 0
-    for row in (rows[0], rows[2]):  # bf16: compiled too; nf4 stays eager
+    for row in rows[:2]:  # bf16: compiled too; nf4 stays eager
         assert row["compile status"].startswith("compiled (")
         assert row["b8 compiled tok/s"] > 0 and row["warm-up s"] > 0
-    assert "compile status" not in rows[1] and "b1 compiled tok/s" not in rows[1]
+    assert "compile status" not in rows[2] and "b1 compiled tok/s" not in rows[2]
     # One table (a header and a rule), then the three goals, all n/a without a GPU.
     lines = out.splitlines()
     assert sum(line.startswith("| model |") for line in lines) == 1
@@ -134,6 +135,9 @@ def test_a_warm_up_past_its_timeout_stops_the_run(gpu_check, monkeypatch, capsys
 
     monkeypatch.setattr(SlotModel, "warm_up", slow)
     rows = gpu_check.main([*TINY, "--warmup-timeout", "1", "--new-tokens", "4"])
+    for thread in threading.enumerate():  # the shut-down engine ends after its warm-up
+        if thread.name == "baichuan2-engine":
+            thread.join(30)
     assert [r["model"] for r in rows] == ["7B bf16"]  # neither 7B nf4 nor 13B
     assert rows[0]["compile status"] == "eager (warm-up not done in 1.0 s)"
     assert rows[0]["b1 eager tok/s"] > 0 and "b1 compiled tok/s" not in rows[0]
