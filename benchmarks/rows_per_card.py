@@ -13,12 +13,13 @@ position))``: slots sized by what admission reserved. No GPU needed:
 from __future__ import annotations
 
 import argparse
+import inspect
 from unittest import mock
 
 import torch
 from common import real_config
 
-from langchain_baichuan2.engines.native import DEFAULT_MAX_ROWS
+from langchain_baichuan2.engines.native import DEFAULT_MAX_ROWS, NativeEngine
 from langchain_baichuan2.engines.native.budget import default_kv_cache_bytes
 from langchain_baichuan2.modeling import BaichuanConfig, BaichuanForCausalLM
 
@@ -48,16 +49,31 @@ def position_bytes(config: BaichuanConfig) -> int:
     return config.num_hidden_layers * 2 * config.hidden_size * 2
 
 
+def engine_defaults() -> dict:
+    """What a default ``NativeEngine`` passes its budget: its rows and prefill chunk.
+
+    Only the arguments ``default_kv_cache_bytes`` takes (older engines took neither).
+    """
+    engine = inspect.signature(NativeEngine).parameters
+    budget = inspect.signature(default_kv_cache_bytes).parameters
+    defaults = {}
+    if "rows" in budget:
+        defaults["rows"] = engine["max_rows"].default
+    if "prefill_tokens" in budget and "prefill_chunk_tokens" in engine:
+        defaults["prefill_tokens"] = engine["prefill_chunk_tokens"].default
+    return defaults
+
+
 def kv_budget(config: BaichuanConfig, free: int) -> int:
     """The engine's default key/value budget on a GPU with ``free`` bytes after loading."""
-    layers = config.num_hidden_layers
+    devices = [torch.device("cuda")] * config.num_hidden_layers
     with (
         mock.patch.object(torch.cuda, "mem_get_info", return_value=(free, free)),
         mock.patch.object(torch.cuda, "memory_reserved", return_value=0),
         mock.patch.object(torch.cuda, "memory_allocated", return_value=0),
     ):
         return default_kv_cache_bytes(
-            [torch.device("cuda")] * layers, position_bytes(config), config, config.context_length
+            devices, position_bytes(config), config, config.context_length, **engine_defaults()
         )
 
 
@@ -94,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     for row in table:
-        cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
         print("| " + " | ".join(cells) + " |")
 
 
