@@ -15,8 +15,9 @@ Prints one table, a row per model:
   CUDA graphs); each with its share of the bandwidth bound: tok/s x the bytes a step
   needs (the weights but the embedding, plus every row's keys/values at its actual
   length) / (batch x the measured copy bandwidth);
-- the warm-up's seconds and what it gave: ``compiled (N shapes)``, or ``eager (...)``
-  when compiling failed, a warning was logged or the warm-up ran past its timeout;
+- the warm-up's seconds and what it gave: ``compiled (N graphs)``, or ``eager (...)``
+  when compiling failed, a bucket ran uncompiled, a warning was logged or the warm-up
+  ran past its timeout;
 - plain ``generate()`` at batch 1 (the baseline), 4-bit (bitsandbytes NF4, eager);
 - peak GiB the engine needed: the peak allocated (``torch.cuda.max_memory_allocated``
   over the engine's life; peak RSS on a CPU) less its key/value buffers, plus the
@@ -169,22 +170,31 @@ class Warnings(logging.Handler):
         logging.getLogger("langchain_baichuan2").removeHandler(self)
 
 
-def compiled_shapes(engine: NativeEngine) -> int:
-    """Step shapes the engine has compiled (0 when it keeps no count)."""
-    return len(getattr(engine.slot_model, "_compiled_shapes", ()))
+def compiled_graphs(engine: NativeEngine) -> int:
+    """Step graphs the engine has compiled: step classes, or shapes in older engines."""
+    slot_model = engine.slot_model
+    for name in ("compiled_classes", "_compiled_shapes"):
+        if hasattr(slot_model, name):
+            return len(getattr(slot_model, name))
+    return 0
 
 
 def compile_status(engine: NativeEngine, warnings: list[str]) -> str:
-    """``compiled (N shapes)`` only when compiling worked; else ``eager`` and why."""
+    """``compiled (N graphs)`` only when compiling worked everywhere; else ``eager`` and why.
+
+    Any warning or error the package logged while warming up and measuring (a failed
+    compile, a bucket out of memory, a failed warm-up) makes it ``eager (...)``.
+    """
     slot_model = engine.slot_model
     if not slot_model.compile:
         return "eager (not compiled: quantized weights)"
-    shapes = compiled_shapes(engine)
-    failed = slot_model.compile_failed or getattr(slot_model, "lora_compile_failed", False)
-    if failed or not shapes or warnings:
-        reason = warnings[-1] if warnings else f"compile_failed={failed}, {shapes} shapes"
+    graphs = compiled_graphs(engine)
+    failed = slot_model.compile_failed or slot_model.lora_compile_failed
+    eager_buckets = sorted(getattr(slot_model, "eager_buckets", ()))
+    if failed or not graphs or warnings or eager_buckets:
+        reason = warnings[-1] if warnings else f"{graphs} graphs, eager buckets {eager_buckets}"
         return f"eager (compile failed: {reason[:120]})"
-    return f"compiled ({shapes} shapes)"
+    return f"compiled ({graphs} graphs)"
 
 
 def stream_all(
@@ -254,7 +264,8 @@ def reset_peak(device: torch.device) -> None:
 def engine_needed(engine: NativeEngine, device: torch.device, reserved_positions: int) -> float:
     """GiB the engine needed (see the module docstring): peak less unused key/value buffers."""
     cache = engine.slot_model.cache
-    buffers = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
+    storages = [t.untyped_storage() for t in (*cache.keys, *cache.values)]  # views' whole
+    buffers = sum({s.data_ptr(): s.nbytes() for s in storages}.values())
     return (peak_allocated(device) - buffers + reserved_positions * cache.position_bytes) / GIB
 
 
@@ -264,8 +275,9 @@ def measure_engine(
     """Decode at every batch size; fill ``row``'s ``b{batch} {mode}`` columns."""
     n = args.new_tokens
     position_bytes = engine.slot_model.cache.position_bytes
-    decode_rate(engine, batches[1], 2)  # first use of the step outside the warm-up
     for batch, prompts in batches.items():
+        # First use of this batch's buckets untimed (a GPU records their CUDA graphs).
+        decode_rate(engine, prompts, 4)
         rate = decode_rate(engine, prompts, n)
         # Mean keys/values a step reads: each row's prompt plus half the new tokens.
         positions = sum(len(p) + n // 2 for p in prompts)
@@ -312,11 +324,11 @@ def measure(
                     row["prefill tok/s"] = engine_prefill(
                         engine, [prompt(args.prompt_tokens) for _ in range(3)]
                     )
-                shapes = compiled_shapes(engine)
+                graphs = compiled_graphs(engine)
                 measure_engine(row, mode, engine, batches, args, bandwidth, weights)
                 if compiled:
                     status = compile_status(engine, warnings.messages)
-                    grew = compiled_shapes(engine) - shapes
+                    grew = compiled_graphs(engine) - graphs
                     row["compile status"] = status + (f", {grew} more during the run" * bool(grew))
             row[f"{mode} peak GiB"] = engine_needed(engine, device, reserved)
             row["KV budget GiB"] = engine.kv_cache_bytes / GIB
