@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,6 +145,19 @@ def test_a_warm_up_past_its_timeout_stops_the_run(gpu_check, monkeypatch, capsys
     assert rows[0]["compile status"] == "eager (warm-up not done in 1.0 s)"
     assert rows[0]["b1 eager tok/s"] > 0 and "b1 compiled tok/s" not in rows[0]
     assert "| 7B bf16 |" in capsys.readouterr().out
+
+
+def test_peak_counts_what_the_rows_reserved_not_the_buffers(gpu_check, monkeypatch):
+    storage = torch.zeros(2, 4, 100, 8, dtype=torch.bfloat16)  # 12,800 bytes
+    cache = SimpleNamespace(
+        keys=[storage[:1], storage[1:]],  # two views of one storage count once
+        values=[torch.zeros(3200, dtype=torch.float32)],  # 12,800 bytes
+        position_bytes=1000,
+    )
+    engine = SimpleNamespace(slot_model=SimpleNamespace(cache=cache))
+    monkeypatch.setattr(gpu_check, "peak_allocated", lambda device: 2**30 + 25_600)
+    needed = gpu_check.engine_needed(engine, torch.device("cpu"), reserved_positions=2**20)
+    assert needed == (2**30 + 2**20 * 1000) / 2**30
 
 
 @pytest.fixture
