@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             quantize_4bit(model)  # bitsandbytes layers run eager
         label = f"{name} {'nf4' if four_bit else 'bf16'}"
         rows.append(measure(label, model, tokenizer, args, device, bandwidth, not four_bit))
-        print(f"{label} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        done = f"{label} done at {time.perf_counter() - started:.0f} s"
+        print(f"{done}: {rows[-1]}", file=sys.stderr)  # kept if a later model fails
         del model
         reset_peak(device)
         if rows[-1].get("stopped"):
