@@ -10,9 +10,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.modeling import BaichuanConfig
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "baichuan2" / "tokenizer.model"
+# The released models' shapes (vocabulary 125,696, context 4,096: BaichuanConfig's defaults).
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "7B": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "position_embedding": "rope",
+    },
+    "13B": {
+        "hidden_size": 5120,
+        "intermediate_size": 13696,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "position_embedding": "alibi",
+    },
+}
+
+
+def real_config(name: str, **overrides: Any) -> BaichuanConfig:
+    """The config of Baichuan2-``name`` (``"7B"`` or ``"13B"``), with ``overrides``."""
+    values = {**REAL_SHAPES[name], **overrides}
+    context = values.get("model_max_length", 4096)
+    if values["position_embedding"] == "rope":
+        values.setdefault("max_position_embeddings", context)
+    return BaichuanConfig(**values)
 
 
 def model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
