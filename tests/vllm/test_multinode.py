@@ -60,7 +60,7 @@ def localize(argv, folder, replace):
     return [replace.get(word, word) for word in argv]
 
 
-def node_commands(folder, split, extra=()):
+def node_commands(folder, split):
     """The two nodes of the README's multi-node block: (argv, environment) each."""
     (node0_env, node0), (node1_env, node1) = commands("--node-rank 0")
     assert node0_env == node1_env == {}
@@ -73,7 +73,7 @@ def node_commands(folder, split, extra=()):
         assert argv[:3] == [sys.executable, "-m", "langchain_baichuan2.serve"]
         # Each "machine" binds its own rank's OpenMP threads to its own core.
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(rank)}
-        nodes.append((argv + TEST_FLAGS + list(extra), env))
+        nodes.append((argv + TEST_FLAGS, env))
     return nodes
 
 
@@ -125,12 +125,18 @@ def test_chat_baichuan2_in_process_as_node_0(vllm_folders, monkeypatch, capsys):
     limits = re.search(r"add\s+`(--max-num-batched-tokens \d+ --max-num-seqs \d+)`", section())
     node1 = (nodes[1][0] + limits.group(1).split(), nodes[1][1])
     master_port = node1[0][node1[0].index("--master-port") + 1]
-    code = code.replace('"/models/Baichuan2-13B-Chat"', repr(str(folder)))
-    code = code.replace('"10.0.0.1"', '"127.0.0.1"').replace("29500", master_port)
-    code = code.replace('"max_num_seqs": 256,', '"max_num_seqs": 256, **TEST_KWARGS,')
-    # Test sizes: fp32 as the native answer, and a short answer.
-    code = code.replace("temperature=0,", 'temperature=0, dtype="float32",')
-    code = code.replace("max_tokens=256,", "max_tokens=24,")
+    swaps = {
+        '"/models/Baichuan2-13B-Chat"': repr(str(folder)),
+        '"10.0.0.1"': '"127.0.0.1"',
+        "29500": master_port,
+        '"max_num_seqs": 256,': '"max_num_seqs": 256, **TEST_KWARGS,',
+        # Test sizes: fp32 as the native answer, and a short answer.
+        "temperature=0,": 'temperature=0, dtype="float32",',
+        "max_tokens=256,": "max_tokens=24,",
+    }
+    for old, new in swaps.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
     namespace = {
         "__name__": "__main__",
