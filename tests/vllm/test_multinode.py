@@ -91,6 +91,11 @@ def test_the_serve_command_refuses_to_start_where_vllm_would_skip_the_plugin(mon
     assert serve.plugin_problem() is None
     monkeypatch.delenv("VLLM_PLUGINS")
     assert serve.plugin_problem() is None
+    # The entry point itself, as vLLM finds it; without it (not installed) no start.
+    (entry,) = serve.entry_points(group="vllm.general_plugins", name="baichuan2")
+    assert entry.value == "langchain_baichuan2.vllm_plugin:register"
+    monkeypatch.setattr(serve, "entry_points", lambda **selection: ())
+    assert "entry point 'baichuan2' is not installed" in serve.plugin_problem()
 
 
 @pytest.mark.slow
