@@ -77,6 +77,18 @@ def node_commands(folder, split):
     return nodes
 
 
+def ask(url):
+    """The server's greedy answer to QUESTION (16 tokens, the checkpoint's penalty)."""
+    body = {
+        "model": "baichuan2",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": 16,
+        "repetition_penalty": 1.05,
+    }
+    return post(f"{url}/v1/chat/completions", body)
+
+
 def native_answer(folder, text, max_tokens):
     native, _ = chat_models(folder, max_tokens=max_tokens)
     return native.invoke(text).content
@@ -106,16 +118,7 @@ def test_two_nodes_serve_the_native_greedy_text(vllm_folders, split):
     port = free_port()
     nodes[0][0].extend(["--port", str(port)])
     with serving(port, *nodes, seconds=600) as url:
-        answer = post(
-            f"{url}/v1/chat/completions",
-            {
-                "model": "baichuan2",
-                "messages": [{"role": "user", "content": QUESTION}],
-                "temperature": 0,
-                "max_tokens": 16,
-                "repetition_penalty": 1.05,
-            },
-        )
+        answer = ask(url)
         fingerprint = answer["system_fingerprint"]
     assert ("tp2" if split == "--tensor-parallel-size" else "pp2") in fingerprint
     assert answer["choices"][0]["message"]["content"] == native_answer(folder, QUESTION, 16)
@@ -176,8 +179,11 @@ def ray_gpu_missing():
     return None
 
 
+RAY_MISSING = ray_gpu_missing()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(ray_gpu_missing() is not None, reason=str(ray_gpu_missing()))
+@pytest.mark.skipif(RAY_MISSING is not None, reason=str(RAY_MISSING))
 @pytest.mark.parametrize("split", ["--tensor-parallel-size", "--pipeline-parallel-size"])
 def test_ray_commands_on_two_gpus(vllm_folders, split):
     """The README's Ray commands: a head and a worker on this machine, one GPU each."""
@@ -200,16 +206,7 @@ def test_ray_commands_on_two_gpus(vllm_folders, split):
             subprocess.run(argv_start, env=env, check=True, timeout=120)
         server = (argv, {**os.environ, "VLLM_HOST_IP": "127.0.0.1"})
         with serving(port, server, seconds=600) as url:
-            answer = post(
-                f"{url}/v1/chat/completions",
-                {
-                    "model": "baichuan2",
-                    "messages": [{"role": "user", "content": QUESTION}],
-                    "temperature": 0,
-                    "max_tokens": 16,
-                    "repetition_penalty": 1.05,
-                },
-            )
+            answer = ask(url)
     finally:
         subprocess.run(["ray", "stop", "--force"], check=False, timeout=120)
     assert answer["choices"][0]["message"]["content"] == native_answer(folder, QUESTION, 16)
