@@ -5,7 +5,17 @@ Head dimension 64 (vLLM's CPU attention needs it); the ALiBi model has 5 heads s
 the non-power-of-two slope rule is exercised.
 """
 
+import contextlib
+import importlib.metadata
+import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -73,3 +83,81 @@ def cpu_threads_for_two_ranks():
         del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     else:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body):
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def serve_command(folder):
+    """``vllm serve <folder>``; vllm-cpu 0.32's CLI cannot start (it looks up the
+    distribution "vllm" by name), so there the same server runs as a module."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder)]
+
+
+@contextlib.contextmanager
+def running(*nodes):
+    """Start ``nodes`` ((command, environment) pairs) and stop them all on exit.
+
+    Yields ``check(why=None)``: it fails the test with the end of a node's log if that
+    node has exited, and with the end of every node's log if ``why`` is given.
+    """
+    processes = []
+
+    def check(why=None):
+        for process, log in processes:
+            if why or process.poll() is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-3000:]
+                state = f"exited ({process.returncode})" if process.poll() is not None else why
+                pytest.fail(f"{process.args[:4]} {state}: {tail}")
+
+    try:
+        for command, env in nodes:
+            log = tempfile.TemporaryFile()
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            processes.append((process, log))
+        yield check
+    finally:
+        for process, _ in processes:
+            process.terminate()
+        for process, log in processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+
+
+@contextlib.contextmanager
+def serving(port, *nodes, seconds=300):
+    """Start ``nodes`` (see :func:`running`; the first serves HTTP on ``port``), yield the
+    server's URL once ``/health`` answers, and stop every node afterwards."""
+    url = f"http://127.0.0.1:{port}"
+    with running(*nodes) as check:
+        deadline = time.monotonic() + seconds
+        while True:
+            check()
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    check(f"still running: the server was not healthy in {seconds} s")
+                time.sleep(1)
+        yield url

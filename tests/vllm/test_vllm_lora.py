@@ -22,8 +22,7 @@ from langchain_baichuan2.engines import vllm as vllm_engines
 from langchain_baichuan2.engines.settings import SamplingParams
 from langchain_baichuan2.modeling import BaichuanForCausalLM, BaichuanTokenizer
 from langchain_baichuan2.testing import make_tiny_adapter, make_tiny_checkpoint
-from tests.vllm.conftest import VLLM_KWARGS
-from tests.vllm.test_vllm_serve import free_port, post, serve_command
+from tests.vllm.conftest import VLLM_KWARGS, free_port, post, serve_command
 
 peft = pytest.importorskip("peft", reason="peft (a test dependency) is not installed")
 

