@@ -4,8 +4,10 @@ For each card, model (7B/13B, bf16 and the official 4-bit checkpoints) and reque
 length (prompt + max_tokens): the weights' bytes (the model built on the meta device),
 then the engine's own default key/value budget (``default_kv_cache_bytes``, asked with
 the card's memory in place of the CUDA queries: the total less the CUDA context less
-the weights is free after loading), then ``min(max_rows, budget // (length x bytes per
-position))``: slots sized by what admission reserved. No GPU needed:
+the weights is free after loading), then the slot storage the engine fixes with it (``SlotCache.fix`` on the meta device:
+what ``ChatBaichuan2``'s default prefix-cache cap leaves, at least one full-context
+row) and ``min(max_rows, storage // length)``: slots sized by what admission reserved.
+No GPU needed:
 
     python benchmarks/rows_per_card.py
 """
@@ -19,8 +21,10 @@ from unittest import mock
 import torch
 from common import real_config
 
+from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines.native import DEFAULT_MAX_ROWS, NativeEngine
 from langchain_baichuan2.engines.native.budget import default_kv_cache_bytes
+from langchain_baichuan2.engines.native.slots import SlotCache
 from langchain_baichuan2.modeling import BaichuanConfig, BaichuanForCausalLM
 
 GIB = 2**30
@@ -31,6 +35,8 @@ CUDA_CONTEXT = GIB // 2
 # Bytes per parameter of a bitsandbytes NF4 linear with double quantization: 4 bits, an
 # 8-bit scale per 64 weights and an fp32 scale per 256 of those.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Positions the slot storage leaves the prefix cache (ChatBaichuan2's default cap).
+PREFIX_TOKENS = ChatBaichuan2.model_fields["prefix_cache_tokens"].default
 
 
 def weight_bytes(config: BaichuanConfig, four_bit: bool) -> int:
@@ -77,6 +83,27 @@ def kv_budget(config: BaichuanConfig, free: int) -> int:
         )
 
 
+def storage_positions(config: BaichuanConfig, budget: int) -> int:
+    """Positions the engine's fixed slot storage holds with this budget (``SlotCache.fix``).
+
+    Built on the meta device: the engine's own sizing, no memory taken.
+    """
+    if budget < position_bytes(config):
+        return 0
+    cache = SlotCache(
+        [torch.device("meta")] * config.num_hidden_layers,
+        config.num_attention_heads,
+        config.head_dim,
+        torch.bfloat16,
+        max_length=config.context_length,
+        max_bytes=budget,
+        max_rows=DEFAULT_MAX_ROWS,
+    )
+    cache.budget.prefix.grow_to(PREFIX_TOKENS)
+    cache.fix()
+    return cache.capacity
+
+
 def rows_table(lengths: tuple[int, ...] = (1024, 4096)) -> list[dict]:
     """One row per card and model: weights, budget and rows at each request length."""
     table = []
@@ -94,7 +121,7 @@ def rows_table(lengths: tuple[int, ...] = (1024, 4096)) -> list[dict]:
                     "KV budget GiB": budget / GIB,
                 }
                 for length in lengths:
-                    fits = budget // (length * position_bytes(config))
+                    fits = storage_positions(config, budget) // length
                     rows = min(DEFAULT_MAX_ROWS, fits) if free > 0 else "does not fit"
                     row[f"rows at {length // 1024}k"] = rows
                 table.append(row)
