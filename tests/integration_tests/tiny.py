@@ -23,26 +23,6 @@ def picked_tokens(token: int, rows: int) -> torch.Tensor:
     return torch.tensor([[token] * rows, [0] * rows, [0] * rows])
 
 
-def padded_tokenizer(folder, pieces):
-    """A copy of ``folder``'s tokenizer.model grown to ``pieces`` with unused pieces.
-
-    Unused pieces never come out of encoding, so the text ids stay the same.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-
-    model = sentencepiece_model_pb2.ModelProto()
-    model.ParseFromString((folder / "tokenizer.model").read_bytes())
-    for n in range(pieces - len(model.pieces)):
-        model.pieces.add(
-            piece=f"<unused_{n}>",
-            score=-1e9,
-            type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED,
-        )
-    path = folder / "tokenizer_padded.model"
-    path.write_bytes(model.SerializeToString())
-    return path
-
-
 def run_together(engine, requests):
     """Stream every (ids, params) from its own thread, announced as one group."""
     results = {}
