@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import psutil
 import torch
 from torch import nn
 
@@ -22,6 +23,49 @@ logger = logging.getLogger(__name__)
 # oneDNN packs a weight for a row count it is told; measured best for 1-16 rows (the
 # speeds differ by ~5%).
 _PACK_ROWS = {torch.float32: 16, torch.bfloat16: 1}
+# Decoder linears run packed for at most this many rows (decode); prefill runs ``linear``.
+PACKED_ROWS = 16
+# Decoder linears of these dtypes run packed (measured: ``bench_cpu_decode.py``).
+PACKED_DTYPES = {torch.bfloat16}
+
+
+class Packed:
+    """A weight's oneDNN-packed copy for ``linear``, remade whenever the weight changes.
+
+    The copy is made on first use and again after the weight is changed in place
+    (``merge_adapter``, ``normalize_head``: its version moves) or replaced (its
+    storage moves), so it never serves stale values (an inference tensor has no
+    version: one made under ``torch.inference_mode`` must not change in place).
+    ``failed`` is set (and logged once) where packing cannot be done (a torch
+    without oneDNN).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failed = False
+        self._copy: torch.Tensor | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of ``weight`` as it is now; None where packing failed."""
+        stamp = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+        if stamp != self._stamp and not self.failed:
+            self._copy = None  # the stale copy's memory goes before the new one is made
+            try:
+                rows = _PACK_ROWS[weight.dtype]
+                self._copy = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+                self._stamp = stamp
+            except Exception as e:  # a torch built without oneDNN
+                logger.warning("Packing %s for oneDNN failed (%s); using BLAS", self.what, e)
+                self.failed = True
+        return self._copy
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """``linear(x, weight)`` (``x`` ``[N, in]``) on the packed copy; None if none."""
+        packed = self.of(weight)
+        if packed is None:
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
 
 
 def cpu_fp32(weight: torch.Tensor | None) -> bool:
@@ -36,17 +80,56 @@ def _store_transposed(weight: torch.Tensor) -> None:
 
 
 def lay_out(model: BaichuanForCausalLM) -> None:
-    """Re-store ``model``'s fp32 CPU linears (decoder layers and head) as ``[in, out]``.
+    """Lay ``model``'s CPU linears out for decode (the head's kernel is ``HeadProjection``).
 
-    BLAS reads an ``[in, out]`` matrix for one row of input faster than an ``[out,
-    in]`` one (decode is one row per sequence; the head ~1.2x, decoder linears alike),
-    and prefill is no slower. The values (and every result of ``linear``) are unchanged
-    and no memory is added. Other devices, dtypes and quantized layers are left alone.
+    fp32 linears (decoder layers and head) are re-stored as ``[in, out]``: BLAS reads
+    that order for one row of input faster (the head ~1.2x, decoder linears alike), and
+    prefill is no slower; no memory is added. bf16 decoder linears run oneDNN's
+    ``linear`` on a packed copy (``Packed``) for up to ``PACKED_ROWS`` rows (plain
+    bf16 ``linear`` repacks the weight on every call), where the copies take at most
+    half the memory available. The values (and every result of ``linear``) are
+    unchanged. Other devices, dtypes and quantized layers are left alone.
     """
-    linears = [*model.model.layers.modules(), model.lm_head]
-    for module in linears:
-        if type(module) is nn.Linear and cpu_fp32(module.weight):
+    to_pack = []
+    for module in [*model.model.layers.modules(), model.lm_head]:
+        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+            continue
+        if module.weight.dtype == torch.float32:
             _store_transposed(module.weight)
+        elif module.weight.dtype in PACKED_DTYPES and module is not model.lm_head:
+            to_pack.append(module)
+    size = sum(linear.weight.nbytes for linear in to_pack)
+    if 2 * size > psutil.virtual_memory().available:
+        logger.info("Decoder linears not packed for oneDNN: %.1f GB is too much memory", size / 1e9)
+        return
+    for linear in to_pack:
+        _run_packed(linear)
+
+
+def _run_packed(linear: nn.Linear) -> None:
+    """Make ``linear`` run on its packed copy for up to ``PACKED_ROWS`` rows (once)."""
+    if "forward" in vars(linear):  # done already (or wrapped by someone else): leave it
+        return
+    plain = linear.forward
+    packed = Packed("a decoder linear")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        weight = linear.weight
+        if (
+            rows <= PACKED_ROWS
+            and linear.bias is None
+            and x.dtype == weight.dtype
+            and x.device == weight.device
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # the compiler picks its own kernels
+        ):
+            out = packed(x.reshape(rows, x.shape[-1]), weight)
+            if out is not None:
+                return out.view(*x.shape[:-1], out.shape[-1])
+        return plain(x)
+
+    linear.forward = forward  # type: ignore[method-assign]
 
 
 class HeadProjection:
@@ -70,7 +153,7 @@ class HeadProjection:
         packable = on_cpu and weight is not None and weight.dtype in _PACK_ROWS
         self.weight: torch.Tensor | None = weight if packable else None
         self.kernel = "packed" if packable else "linear"
-        self._packed: torch.Tensor | None = None
+        self._packed = Packed("the head")
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` (contiguous, the head's dtype) of hidden states ``[B, H]``."""
@@ -80,21 +163,11 @@ class HeadProjection:
         if weight.dtype == torch.float32 and hidden.shape[0] == 1:
             _store_transposed(weight)  # done already where ``lay_out`` ran
             return hidden @ weight.t()
-        if self.kernel == "packed" and self._packed is None:
-            self._packed = self._pack(weight)
-        if self._packed is not None:
-            packed = torch.ops.mkldnn._linear_pointwise
-            return packed(hidden.contiguous(), self._packed, None, "none", [], "")
+        if self.kernel == "packed":
+            logits = self._packed(hidden, weight)
+            if logits is not None:
+                return logits
+            self.kernel = "blas" if weight.dtype == torch.float32 else "linear"
         if weight.dtype == torch.float32:  # contiguous: xgrammar's mask wants row-major
             return (weight @ hidden.T).T.contiguous()
         return self.module(hidden)
-
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """OneDNN's packed copy of ``weight``; None (logged once) where it cannot."""
-        try:
-            rows = _PACK_ROWS[weight.dtype]
-            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
-        except Exception as e:  # a torch built without oneDNN
-            logger.warning("Packing the head for oneDNN failed (%s); using BLAS", e)
-            self.kernel = "blas" if weight.dtype == torch.float32 else "linear"
-            return None
