@@ -129,7 +129,7 @@ def _run_packed(linear: nn.Linear) -> None:
                 return out.view(*x.shape[:-1], out.shape[-1])
         return plain(x)
 
-    linear.forward = forward  # type: ignore[method-assign]
+    linear.forward = forward  # type: ignore[method-assign,assignment]
 
 
 class HeadProjection:
