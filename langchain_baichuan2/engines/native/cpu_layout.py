@@ -4,8 +4,9 @@ Decode multiplies one row per sequence by every weight, so on a CPU a step is bo
 how fast the weights are read, and the vocabulary projection (125,696 x H) is most of
 them. The kernels BLAS picks for these shapes read the weights at a fraction of the
 memory bandwidth; ``lay_out`` and ``HeadProjection`` pick kernels measured faster
-(``benchmarks/bench_cpu_decode.py``). Only memory order and summation order change,
-never the values. GPUs, fp16 and quantized layers keep the plain modules.
+(``benchmarks/bench_cpu_decode.py``), some on oneDNN-packed copies of the weights
+(``Packed``). Only memory order and summation order change, never the values. GPUs,
+fp16 and quantized layers keep the plain modules.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ class HeadProjection:
 
     On a CPU (``benchmarks/bench_cpu_decode.py``, 125,696 x 512): fp32, one row:
     ``x @ W.T`` with ``W`` stored ``[in, out]`` (``lay_out``), at about the memory
-    bandwidth; fp32, 2-16 rows, and bf16, any rows: oneDNN's ``linear`` on a weight
-    packed once for it (one more copy of the head, made on first use), which reads
+    bandwidth; fp32, 2-16 rows, and bf16, any rows: oneDNN's ``linear`` on a packed
+    copy of the head (``Packed``: one more copy, made on first use), which reads
     the head once whatever the row count (BLAS reads it once per row or repacks it
     per call: 2-3x slower at 8 rows). bf16 gives the same values as ``linear``. If
     packing fails (a torch without oneDNN), fp32 several rows run ``W @ x.T`` and bf16
