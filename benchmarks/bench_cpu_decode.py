@@ -15,12 +15,12 @@ The 7B-shaped random model (hidden 512, 4 layers, the real 125,696-piece vocabul
   ceiling it sets per dtype (the bytes a token reads over that bandwidth).
 
 Engines and ``generate()`` are timed in interleaved rounds (best of ``--repeats``), so a
-loaded machine slows them alike; ``--unpacked`` adds the bf16 engine without packed
-decoder linears. bf16's top-1 agreement with fp32 is reported along fp32's greedy path.
+loaded machine slows them alike. bf16's top-1 agreement with fp32 is reported along
+fp32's greedy path.
 
 Every table starts with the machine and its 1-minute load average.
 
-    python benchmarks/bench_cpu_decode.py [--part head|bandwidth|engine|all] [--unpacked]
+    python benchmarks/bench_cpu_decode.py [--part head|bandwidth|engine|all]
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,6 @@ from bench_fast_path import generate_rate, long_prompt
 from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
 
 from langchain_baichuan2 import ChatBaichuan2
-from langchain_baichuan2.engines.native import cpu_layout
 from langchain_baichuan2.loading.checkpoint import read_config
 from langchain_baichuan2.modeling import BaichuanForCausalLM
 
@@ -227,23 +225,6 @@ def engine(folder: Path, dtype: str, args: argparse.Namespace) -> ChatBaichuan2:
     return llm
 
 
-def unpacked_engine(folder: Path, args: argparse.Namespace) -> ChatBaichuan2:
-    """The bf16 engine with its decoder linears unpacked (plain ``linear``): the baseline.
-
-    It loads its own model (from a folder of links to the checkpoint's files: the model
-    registry shares one model per folder).
-    """
-    links = Path(tempfile.mkdtemp(prefix="bench-cpu-unpacked-"))
-    for file in folder.iterdir():
-        (links / file.name).symlink_to(file)
-    packed = set(cpu_layout.PACKED_DTYPES)
-    cpu_layout.PACKED_DTYPES.clear()
-    try:
-        return engine(links, "bf16", args)
-    finally:
-        cpu_layout.PACKED_DTYPES.update(packed)
-
-
 def engine_rounds(llm: ChatBaichuan2, prompt: str) -> Callable[[], tuple[float, float, str]]:
     """One measurement: batch-1 tok/s after ``prompt``, 8-stream tok/s, the greedy text."""
 
@@ -308,8 +289,6 @@ def engine_contenders(
         ids = torch.tensor([tokenizer.encode(prompt)])
         rows = torch.tensor([tokenizer.encode(SHORT[3])] * 8)
         contenders[f"ours {dtype}"] = engine_rounds(llm, prompt)
-        if dtype == "bf16" and args.unpacked:
-            contenders["ours bf16 unpacked"] = engine_rounds(unpacked_engine(folder, args), prompt)
         if not args.no_generate:
             contenders[f"generate() {dtype}"] = generate_rounds(folder, dtype, ids, rows, args)
     return contenders, ids
@@ -322,7 +301,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="engine: compiled step")
     parser.add_argument("--freezing", action="store_true", help="inductor freezing on")
     parser.add_argument("--no-generate", action="store_true", help="skip generate()")
-    parser.add_argument("--unpacked", action="store_true", help="also bf16 linears unpacked")
     parser.add_argument("--texts", type=Path, help="write each dtype's greedy text here (json)")
     args = parser.parse_args()
     if args.freezing:  # weights as constants: inductor prepacks them for oneDNN/MKL

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import psutil
 import torch
 from torch import nn
 
@@ -24,10 +23,6 @@ logger = logging.getLogger(__name__)
 # oneDNN packs a weight for a row count it is told; measured best for 1-16 rows (the
 # speeds differ by ~5%).
 _PACK_ROWS = {torch.float32: 16, torch.bfloat16: 1}
-# Decoder linears run packed for at most this many rows (decode); prefill runs ``linear``.
-PACKED_ROWS = 16
-# Decoder linears of these dtypes run packed (measured: ``bench_cpu_decode.py``).
-PACKED_DTYPES = {torch.bfloat16}
 
 
 class Packed:
@@ -85,52 +80,14 @@ def lay_out(model: BaichuanForCausalLM) -> None:
 
     fp32 linears (decoder layers and head) are re-stored as ``[in, out]``: BLAS reads
     that order for one row of input faster (the head ~1.2x, decoder linears alike), and
-    prefill is no slower; no memory is added. bf16 decoder linears run oneDNN's
-    ``linear`` on a packed copy (``Packed``) for up to ``PACKED_ROWS`` rows (plain
-    bf16 ``linear`` repacks the weight on every call), where the copies take at most
-    half the memory available. The values (and every result of ``linear``) are
-    unchanged. Other devices, dtypes and quantized layers are left alone.
+    prefill is no slower; no memory is added and the values are unchanged. bf16
+    decoder linears keep ``linear``: oneDNN-packed copies ran them 1.3-1.7x faster
+    alone, but no faster in the engine, at twice their memory (``bench_cpu_decode.py``).
+    Other devices, dtypes and quantized layers are left alone.
     """
-    to_pack = []
     for module in [*model.model.layers.modules(), model.lm_head]:
-        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
-            continue
-        if module.weight.dtype == torch.float32:
+        if type(module) is nn.Linear and cpu_fp32(module.weight):
             _store_transposed(module.weight)
-        elif module.weight.dtype in PACKED_DTYPES and module is not model.lm_head:
-            to_pack.append(module)
-    size = sum(linear.weight.nbytes for linear in to_pack)
-    if 2 * size > psutil.virtual_memory().available:
-        logger.info("Decoder linears not packed for oneDNN: %.1f GB is too much memory", size / 1e9)
-        return
-    for linear in to_pack:
-        _run_packed(linear)
-
-
-def _run_packed(linear: nn.Linear) -> None:
-    """Make ``linear`` run on its packed copy for up to ``PACKED_ROWS`` rows (once)."""
-    if "forward" in vars(linear):  # done already (or wrapped by someone else): leave it
-        return
-    plain = linear.forward
-    packed = Packed("a decoder linear")
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        weight = linear.weight
-        if (
-            rows <= PACKED_ROWS
-            and linear.bias is None
-            and x.dtype == weight.dtype
-            and x.device == weight.device
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()  # the compiler picks its own kernels
-        ):
-            out = packed(x.reshape(rows, x.shape[-1]), weight)
-            if out is not None:
-                return out.view(*x.shape[:-1], out.shape[-1])
-        return plain(x)
-
-    linear.forward = forward  # type: ignore[method-assign,assignment]
 
 
 class HeadProjection:
