@@ -9,11 +9,18 @@ The 7B-shaped random model (hidden 512, 4 layers, the real 125,696-piece vocabul
   1 after the same prompt; 8 rows of one short prompt), and against llama.cpp when
   ``llama_cpp`` is importable (else reported as skipped);
 - ``head``: the vocabulary projection alone (125,696 x hidden) for 1 and 8 rows in the
-  candidate layouts and kernels, and the one ``cpu_layout`` chooses.
+  candidate layouts and kernels, and the one ``cpu_layout`` chooses; the decoder linears
+  alike;
+- ``bandwidth``: this machine's read bandwidth (1 and 2 threads) and the batch-1 decode
+  ceiling it sets per dtype (the bytes a token reads over that bandwidth).
+
+Engines and ``generate()`` are timed in interleaved rounds (best of ``--repeats``), so a
+loaded machine slows them alike. bf16's top-1 agreement with fp32 is reported along
+fp32's greedy path.
 
 Every table starts with the machine and its 1-minute load average.
 
-    python benchmarks/bench_cpu_decode.py [--part head|engine|all] [--new-tokens 64]
+    python benchmarks/bench_cpu_decode.py [--part head|bandwidth|engine|all]
 """
 
 from __future__ import annotations
@@ -158,8 +165,51 @@ def linear_table(hidden: int, layers: int) -> None:
         print(f"{name:44s} {times[0]:9.2f} {times[1]:10.2f}")
 
 
-def engine_rates(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, float | str]:
-    """Batch-1 decode tok/s after a long prompt, 8-stream tok/s, and the greedy text."""
+@torch.inference_mode()
+def bandwidth_table(folder: Path, prompt_tokens: int) -> dict[str, float]:
+    """This machine's read bandwidth, 1 and 2 threads, and the batch-1 decode ceilings.
+
+    Bandwidth: the fastest of a plain sum and the head's matrix-vector kernels over the
+    fp32 head (257 MB on the real vocabulary). Ceiling: that bandwidth over the bytes a
+    step must read (every decoder linear and the head once, the keys/values of the
+    prompt), per dtype. Returns the ceilings, ``{dtype: tok/s}``.
+    """
+    config = read_config(folder)
+    vocab, hidden = config.vocab_size, config.hidden_size
+    weight = torch.randn(vocab, hidden)
+    transposed = weight.t().contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    one = torch.randn(1, hidden)
+    readers = {
+        "sum": lambda: weight.sum(),
+        "x @ w_t": lambda: one @ transposed,
+        "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(
+            one, packed, None, "none", [], ""
+        ),
+    }
+    threads = torch.get_num_threads()
+    rates = {}
+    print(f"read bandwidth over {weight.numel() * 4 / 1e6:.0f} MB; {machine()}")
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        seconds = {name: best_ms(read) / 1000 for name, read in readers.items()}
+        rates[count] = max(weight.numel() * 4 / t for t in seconds.values())
+        shown = ", ".join(f"{name} {weight.numel() * 4e-9 / t:.1f}" for name, t in seconds.items())
+        print(f"{count} thread(s): {shown} GB/s; load {os.getloadavg()[0]:.2f}")
+    torch.set_num_threads(threads)
+    inner, layers = config.intermediate_size, config.num_hidden_layers
+    linears = layers * (4 * hidden * hidden + 3 * hidden * inner) + vocab * hidden
+    ceilings = {}
+    for name, dtype in DTYPES.items():
+        size = dtype.itemsize
+        step = size * (linears + layers * 2 * prompt_tokens * hidden)
+        ceilings[name] = max(rates.values()) / step
+        print(f"{name} batch 1: {step / 1e6:.0f} MB a token, ceiling {ceilings[name]:.1f} tok/s")
+    return ceilings
+
+
+def engine(folder: Path, dtype: str, args: argparse.Namespace) -> ChatBaichuan2:
+    """The native engine on ``folder`` in ``dtype``, warmed up (its weights laid out)."""
     llm = ChatBaichuan2(
         model=str(folder),
         backend="native",
@@ -171,27 +221,52 @@ def engine_rates(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str
         compile=args.compile,
     )
     llm.invoke("warm up")
-    prompt = long_prompt(llm, args.prompt_tokens)
-    runs = [timed_stream(llm, prompt) for _ in range(args.repeats)]
-    concurrent_throughput(llm, SHORT)  # warm-up
-    eight = max(concurrent_throughput(llm, SHORT)[0] for _ in range(args.repeats))
-    llm.unload()
-    return {"b1": max((r[2] - 1) / r[1] for r in runs), "b8": eight, "text": runs[0][3]}
+    concurrent_throughput(llm, SHORT)
+    return llm
 
 
-def generate_rates(folder: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
-    """transformers ``generate()`` of our model: batch 1 after the prompt, 8 short rows."""
-    probe = ChatBaichuan2(model=str(folder), dtype="float32")
-    tokenizer = probe.loaded_model().tokenizer
-    penalty = probe.loaded_model().generation_config.repetition_penalty
-    ids = torch.tensor([tokenizer.encode(long_prompt(probe, args.prompt_tokens))])
-    probe.unload()
+def engine_rounds(llm: ChatBaichuan2, prompt: str) -> Callable[[], tuple[float, float, str]]:
+    """One measurement: batch-1 tok/s after ``prompt``, 8-stream tok/s, the greedy text."""
+
+    def measure() -> tuple[float, float, str]:
+        _, seconds, tokens, text = timed_stream(llm, prompt)
+        return (tokens - 1) / seconds, concurrent_throughput(llm, SHORT)[0], text
+
+    return measure
+
+
+def generate_rounds(
+    folder: Path, dtype: str, ids: torch.Tensor, rows: torch.Tensor, args: argparse.Namespace
+) -> Callable[[], tuple[float, float, str]]:
+    """One measurement of transformers ``generate()``: batch 1 after the prompt, 8 rows."""
     model = BaichuanForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
     model.generation_config.eos_token_id = None
-    b1 = generate_rate(model, ids, args.new_tokens, args.repeats, penalty)
-    rows = torch.tensor([tokenizer.encode(SHORT[3])] * 8)
-    b8 = 8 * generate_rate(model, rows, args.new_tokens, args.repeats, penalty)
-    return {"b1": b1, "b8": b8, "prompt": float(ids.shape[1])}
+    penalty = model.generation_config.repetition_penalty
+    n = args.new_tokens
+
+    def measure() -> tuple[float, float, str]:
+        b1 = generate_rate(model, ids, n, 1, penalty)
+        return b1, 8 * generate_rate(model, rows, n, 1, penalty), ""
+
+    return measure
+
+
+@torch.inference_mode()
+def greedy_agreement(folder: Path, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+    """How often bf16's next token is fp32's, along fp32's greedy continuation of ``ids``.
+
+    Both dtypes of ``BaichuanForCausalLM`` read the same sequence (the prompt and fp32's
+    ``new_tokens`` greedy tokens); returns the share of its positions whose arg-max
+    agree, and the first decoded step where they do not (``new_tokens`` if none).
+    """
+    full = BaichuanForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    half = BaichuanForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    full.generation_config.eos_token_id = None
+    sequence = full.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    same = full(sequence).logits[0].argmax(-1) == half(sequence).logits[0].argmax(-1)
+    decoded = same[ids.shape[1] - 1 : -1]
+    first = int((~decoded).nonzero()[0, 0]) if not bool(decoded.all()) else new_tokens
+    return float(same.float().mean()), first
 
 
 def llama_cpp_note() -> str:
@@ -201,9 +276,27 @@ def llama_cpp_note() -> str:
     return "llama.cpp: llama_cpp is importable, but this script does not convert weights to GGUF"
 
 
+def engine_contenders(
+    folder: Path, args: argparse.Namespace
+) -> tuple[dict[str, Callable[[], tuple[float, float, str]]], torch.Tensor]:
+    """Every engine and ``generate()`` to time, by name; the prompt's ids."""
+    contenders = {}
+    ids = torch.empty(0)
+    for dtype in args.dtypes.split(","):
+        llm = engine(folder, dtype, args)
+        prompt = long_prompt(llm, args.prompt_tokens)
+        tokenizer = llm.loaded_model().tokenizer
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        rows = torch.tensor([tokenizer.encode(SHORT[3])] * 8)
+        contenders[f"ours {dtype}"] = engine_rounds(llm, prompt)
+        if not args.no_generate:
+            contenders[f"generate() {dtype}"] = generate_rounds(folder, dtype, ids, rows, args)
+    return contenders, ids
+
+
 def main() -> None:
     parser = decode_arguments(argparse.ArgumentParser())
-    parser.add_argument("--part", choices=["head", "engine", "all"], default="all")
+    parser.add_argument("--part", choices=["head", "bandwidth", "engine", "all"], default="all")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--compile", action="store_true", help="engine: compiled step")
     parser.add_argument("--freezing", action="store_true", help="inductor freezing on")
@@ -216,31 +309,37 @@ def main() -> None:
     if args.part in ("head", "all"):
         head_table(read_config(folder).vocab_size, args.hidden)
         linear_table(args.hidden, args.layers)
-    if args.part == "head":
+    if args.part in ("bandwidth", "all"):
+        bandwidth_table(folder, args.prompt_tokens)
+    if args.part in ("head", "bandwidth"):
         return
     print(
         f"engine, hidden {args.hidden}, layers {args.layers}, compile {args.compile}, "
-        f"freezing {args.freezing}; prompt {args.prompt_tokens}, {args.new_tokens} new tokens"
+        f"freezing {args.freezing}; prompt {args.prompt_tokens}, {args.new_tokens} new tokens; "
+        f"best of {args.repeats} interleaved rounds"
     )
-    print(f"{'':10s} {'b1 tok/s':>9s} {'8 streams':>10s} {'gen b1':>8s} {'gen 8':>8s}  load")
-    texts = {}
-    for dtype in args.dtypes.split(","):
-        ours = engine_rates(folder, dtype, args)
-        texts[dtype] = ours["text"]
-        load = os.getloadavg()[0]
-        theirs = (
-            {"b1": float("nan"), "b8": float("nan")}
-            if args.no_generate
-            else generate_rates(folder, dtype, args)
-        )
+    contenders, ids = engine_contenders(folder, args)
+    best: dict[str, tuple[float, float]] = {}
+    texts: dict[str, str] = {}
+    load = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        for name, measure in contenders.items():
+            b1, b8, texts[name] = measure()
+            old = best.get(name, (0.0, 0.0))
+            best[name] = (max(old[0], b1), max(old[1], b8))
+    now = os.getloadavg()[0]
+    print(f"{'':22s} {'b1 tok/s':>9s} {'8 streams':>10s}  (load {load:.2f} to {now:.2f})")
+    for name, (b1, b8) in best.items():
+        print(f"{name:22s} {b1:9.2f} {b8:10.2f}")
+    if "ours fp32" in texts and "ours bf16" in texts:
+        print(f"bf16 greedy text equals fp32's: {texts['ours fp32'] == texts['ours bf16']}")
+        share, first = greedy_agreement(folder, ids, args.new_tokens)
         print(
-            f"{dtype:10s} {ours['b1']:9.2f} {ours['b8']:10.2f} {theirs['b1']:8.2f} "
-            f"{theirs['b8']:8.2f}  {load:.2f}/{os.getloadavg()[0]:.2f}"
+            f"bf16 top-1 agreement with fp32: {share:.3f} of {ids.shape[1] + args.new_tokens}"
+            f" positions; first differing decoded step: {first}"
         )
     if args.texts:
         args.texts.write_text(json.dumps(texts))
-    if len(texts) == 2:
-        print(f"bf16 greedy text equals fp32's: {texts['fp32'] == texts['bf16']}")
     print(llama_cpp_note())
     print(machine())
 

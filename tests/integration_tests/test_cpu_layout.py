@@ -3,8 +3,9 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
-from langchain_baichuan2.engines.native.cpu_layout import HeadProjection
+from langchain_baichuan2.engines.native.cpu_layout import HeadProjection, lay_out
 from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
@@ -99,3 +100,34 @@ def test_bf16_decode_picks_the_full_forward_greedy_tokens(folder):
                 compared += 1
             torch.testing.assert_close(logits[row], expected, rtol=0.05, atol=0.1)
     assert compared >= len(seen) * 4
+
+
+@pytest.mark.parametrize("folder", ["7b"], indirect=True)
+def test_the_packed_head_follows_in_place_changes_of_its_weight(folder, monkeypatch):
+    packed = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def counted(weight, rows):
+        packed.append(tuple(weight.shape))
+        return reorder(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", counted)
+    model = load_model_and_tokenizer(folder, dtype="bfloat16").model
+    lay_out(model)
+    head = HeadProjection(model.lm_head)
+    hidden = model.config.hidden_size
+
+    def check_against_plain_products():
+        for rows in [1, 3, 16, 40]:
+            x = torch.randn(rows, hidden).bfloat16()
+            with torch.inference_mode():
+                logits = head(x)
+            torch.testing.assert_close(logits, F.linear(x, head.weight), rtol=0, atol=0)
+        return logits
+
+    before = check_against_plain_products()
+    assert packed == [tuple(head.weight.shape)]  # once, on first use
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)  # changed in place, as normalize_head does
+    assert not torch.equal(check_against_plain_products(), before)
+    assert len(packed) == 2  # packed again, after the change only

@@ -4,8 +4,9 @@ Decode multiplies one row per sequence by every weight, so on a CPU a step is bo
 how fast the weights are read, and the vocabulary projection (125,696 x H) is most of
 them. The kernels BLAS picks for these shapes read the weights at a fraction of the
 memory bandwidth; ``lay_out`` and ``HeadProjection`` pick kernels measured faster
-(``benchmarks/bench_cpu_decode.py``). Only memory order and summation order change,
-never the values. GPUs, fp16 and quantized layers keep the plain modules.
+(``benchmarks/bench_cpu_decode.py``), some on oneDNN-packed copies of the weights
+(``Packed``). Only memory order and summation order change, never the values. GPUs,
+fp16 and quantized layers keep the plain modules.
 """
 
 from __future__ import annotations
@@ -24,6 +25,45 @@ logger = logging.getLogger(__name__)
 _PACK_ROWS = {torch.float32: 16, torch.bfloat16: 1}
 
 
+class Packed:
+    """A weight's oneDNN-packed copy for ``linear``, remade whenever the weight changes.
+
+    The copy is made on first use and again after the weight is changed in place
+    (``merge_adapter``, ``normalize_head``: its version moves) or replaced (its
+    storage moves), so it never serves stale values (an inference tensor has no
+    version: one made under ``torch.inference_mode`` must not change in place).
+    ``failed`` is set (and logged once) where packing cannot be done (a torch
+    without oneDNN).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failed = False
+        self._copy: torch.Tensor | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of ``weight`` as it is now; None where packing failed."""
+        stamp = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+        if stamp != self._stamp and not self.failed:
+            self._copy = None  # the stale copy's memory goes before the new one is made
+            try:
+                rows = _PACK_ROWS[weight.dtype]
+                self._copy = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+                self._stamp = stamp
+            except Exception as e:  # a torch built without oneDNN
+                logger.warning("Packing %s for oneDNN failed (%s); using BLAS", self.what, e)
+                self.failed = True
+        return self._copy
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """``linear(x, weight)`` (``x`` ``[N, in]``) on the packed copy; None if none."""
+        packed = self.of(weight)
+        if packed is None:
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
 def cpu_fp32(weight: torch.Tensor | None) -> bool:
     """Whether ``weight`` is a plain fp32 tensor on a CPU."""
     return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
@@ -36,15 +76,16 @@ def _store_transposed(weight: torch.Tensor) -> None:
 
 
 def lay_out(model: BaichuanForCausalLM) -> None:
-    """Re-store ``model``'s fp32 CPU linears (decoder layers and head) as ``[in, out]``.
+    """Lay ``model``'s CPU linears out for decode (the head's kernel is ``HeadProjection``).
 
-    BLAS reads an ``[in, out]`` matrix for one row of input faster than an ``[out,
-    in]`` one (decode is one row per sequence; the head ~1.2x, decoder linears alike),
-    and prefill is no slower. The values (and every result of ``linear``) are unchanged
-    and no memory is added. Other devices, dtypes and quantized layers are left alone.
+    fp32 linears (decoder layers and head) are re-stored as ``[in, out]``: BLAS reads
+    that order for one row of input faster (the head ~1.2x, decoder linears alike), and
+    prefill is no slower; no memory is added and the values are unchanged. bf16
+    decoder linears keep ``linear``: oneDNN-packed copies ran them 1.3-1.7x faster
+    alone, but no faster in the engine, at twice their memory (``bench_cpu_decode.py``).
+    Other devices, dtypes and quantized layers are left alone.
     """
-    linears = [*model.model.layers.modules(), model.lm_head]
-    for module in linears:
+    for module in [*model.model.layers.modules(), model.lm_head]:
         if type(module) is nn.Linear and cpu_fp32(module.weight):
             _store_transposed(module.weight)
 
@@ -54,8 +95,8 @@ class HeadProjection:
 
     On a CPU (``benchmarks/bench_cpu_decode.py``, 125,696 x 512): fp32, one row:
     ``x @ W.T`` with ``W`` stored ``[in, out]`` (``lay_out``), at about the memory
-    bandwidth; fp32, 2-16 rows, and bf16, any rows: oneDNN's ``linear`` on a weight
-    packed once for it (one more copy of the head, made on first use), which reads
+    bandwidth; fp32, 2-16 rows, and bf16, any rows: oneDNN's ``linear`` on a packed
+    copy of the head (``Packed``: one more copy, made on first use), which reads
     the head once whatever the row count (BLAS reads it once per row or repacks it
     per call: 2-3x slower at 8 rows). bf16 gives the same values as ``linear``. If
     packing fails (a torch without oneDNN), fp32 several rows run ``W @ x.T`` and bf16
@@ -70,7 +111,7 @@ class HeadProjection:
         packable = on_cpu and weight is not None and weight.dtype in _PACK_ROWS
         self.weight: torch.Tensor | None = weight if packable else None
         self.kernel = "packed" if packable else "linear"
-        self._packed: torch.Tensor | None = None
+        self._packed = Packed("the head")
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` (contiguous, the head's dtype) of hidden states ``[B, H]``."""
@@ -80,21 +121,11 @@ class HeadProjection:
         if weight.dtype == torch.float32 and hidden.shape[0] == 1:
             _store_transposed(weight)  # done already where ``lay_out`` ran
             return hidden @ weight.t()
-        if self.kernel == "packed" and self._packed is None:
-            self._packed = self._pack(weight)
-        if self._packed is not None:
-            packed = torch.ops.mkldnn._linear_pointwise
-            return packed(hidden.contiguous(), self._packed, None, "none", [], "")
+        if self.kernel == "packed":
+            logits = self._packed(hidden, weight)
+            if logits is not None:
+                return logits
+            self.kernel = "blas" if weight.dtype == torch.float32 else "linear"
         if weight.dtype == torch.float32:  # contiguous: xgrammar's mask wants row-major
             return (weight @ hidden.T).T.contiguous()
         return self.module(hidden)
-
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """OneDNN's packed copy of ``weight``; None (logged once) where it cannot."""
-        try:
-            rows = _PACK_ROWS[weight.dtype]
-            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
-        except Exception as e:  # a torch built without oneDNN
-            logger.warning("Packing the head for oneDNN failed (%s); using BLAS", e)
-            self.kernel = "blas" if weight.dtype == torch.float32 else "linear"
-            return None
