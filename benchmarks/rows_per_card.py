@@ -4,9 +4,10 @@ For each card, model (7B/13B, bf16 and the official 4-bit checkpoints) and reque
 length (prompt + max_tokens): the weights' bytes (the model built on the meta device),
 then the engine's own default key/value budget (``default_kv_cache_bytes``, asked with
 the card's memory in place of the CUDA queries: the total less the CUDA context less
-the weights is free after loading), then the slot storage the engine fixes with it (``SlotCache.fix`` on the meta device:
-what ``ChatBaichuan2``'s default prefix-cache cap leaves, at least one full-context
-row) and ``min(max_rows, storage // length)``: slots sized by what admission reserved.
+the weights is free after loading), then the slot storage the engine fixes with it
+(``SlotCache.fix`` on the meta device: what ``ChatBaichuan2``'s default prefix-cache
+cap leaves, at least one full-context row) and ``min(max_rows, storage // length)``:
+slots sized by what admission reserved.
 No GPU needed:
 
     python benchmarks/rows_per_card.py
