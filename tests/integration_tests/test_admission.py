@@ -1,7 +1,5 @@
 """Native admission: the context limit, the memory budget, out of memory and NaN."""
 
-import threading
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from langchain_baichuan2.engines.native import NativeEngine
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
 
-from .tiny import run_together
+from .tiny import run_together, stream_in_background
 
 
 def params(new_tokens, forced=0, **kwargs):
@@ -149,18 +147,7 @@ def test_out_of_memory_while_admitting_fails_only_the_newcomer(loaded, monkeypat
     engine = NativeEngine(loaded)
     running = prompt(20)
     expected = generated(loaded, running, 300, forced=300)
-    first_chunk = threading.Event()
-    outcome = {}
-
-    def run_long():
-        chunks = []
-        for chunk in engine.stream(running, params(300, forced=300)):
-            chunks.append(chunk)
-            first_chunk.set()
-        outcome["long"] = merge_chunks(iter(chunks))
-
-    worker = threading.Thread(target=run_long)
-    worker.start()
+    worker, first_chunk, outcome = stream_in_background(engine, running, params(300, forced=300))
     try:
         assert first_chunk.wait(60)
         cache = engine.slot_model.cache
@@ -173,8 +160,8 @@ def test_out_of_memory_while_admitting_fails_only_the_newcomer(loaded, monkeypat
             list(engine.stream(prompt(700), params(8)))  # needs longer buffers
         worker.join(120)
         monkeypatch.undo()
-        assert outcome["long"].token_ids == expected
-        assert outcome["long"].finish_reason == "length"
+        assert outcome["reply"].token_ids == expected
+        assert outcome["reply"].finish_reason == "length"
         assert merge_chunks(engine.stream(prompt(700), params(4))).completion_tokens == 4
     finally:
         engine.shutdown()

@@ -1,6 +1,5 @@
 """Chunked prefill: prompts fed a chunk per worker iteration, between decode steps."""
 
-import threading
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_adapter
 
 from .test_admission import generated, params, prompt
-from .tiny import run_together
+from .tiny import run_together, stream_in_background
 
 CHUNK = 16
 
@@ -74,18 +73,7 @@ def test_a_running_stream_gets_a_token_between_every_two_chunks(tiny_7b, monkeyp
     engine = NativeEngine(loaded, prefill_chunk_tokens=CHUNK)
     calls = record_calls(engine, monkeypatch)
     running, long_prompt = prompt(12), prompt(200, start=400)
-    first_token = threading.Event()
-    outcome = {}
-
-    def stream_running():
-        chunks = []
-        for chunk in engine.stream(running, params(80, forced=80)):
-            chunks.append(chunk)
-            first_token.set()
-        outcome["running"] = merge_chunks(iter(chunks))
-
-    worker = threading.Thread(target=stream_running)
-    worker.start()
+    worker, first_token, outcome = stream_in_background(engine, running, params(80, forced=80))
     try:
         assert first_token.wait(60)
         long_reply = merge_chunks(engine.stream(long_prompt, params(5, forced=5)))
@@ -100,7 +88,7 @@ def test_a_running_stream_gets_a_token_between_every_two_chunks(tiny_7b, monkeyp
     for before, after in zip(chunks, chunks[1:], strict=False):
         assert calls[before + 1 : after] == [("decode", 1)]  # one step of the running row
     assert long_reply.token_ids == generated(loaded, long_prompt, 5, forced=5)
-    assert outcome["running"].token_ids == alone.token_ids  # as when it runs alone
+    assert outcome["reply"].token_ids == alone.token_ids  # as when it runs alone
 
 
 def test_cancelling_a_request_mid_prefill_frees_its_slot(tiny_7b, monkeypatch):

@@ -197,7 +197,10 @@ def test_rows_per_card_counts_weights_and_rows(rows_per_card, monkeypatch):
 
     monkeypatch.setattr(rows_per_card, "kv_budget", lambda config, free: 10 * 2**30)
     table = {(r["card"], r["model"]): r for r in rows_per_card.rows_table()}
-    assert table["80 GB", "7B bf16"]["rows at 1k"] == 20  # 10 GiB / (1k x 0.5 MiB)
-    assert table["80 GB", "7B bf16"]["rows at 4k"] == 5
-    assert table["80 GB", "13B bf16"]["rows at 1k"] == 12  # 10 GiB / (1k x 0.78 MiB)
+    # 10 GiB of 0.5 MiB positions, less ChatBaichuan2's 4,096-position prefix cache cap.
+    assert rows_per_card.PREFIX_TOKENS == 4096
+    assert table["80 GB", "7B bf16"]["rows at 1k"] == (20480 - 4096) // 1024 == 16
+    assert table["80 GB", "7B bf16"]["rows at 4k"] == 4
+    # 10 GiB of 0.78 MiB positions: 13,107, less the cap.
+    assert table["80 GB", "13B bf16"]["rows at 1k"] == (13107 - 4096) // 1024 == 8
     assert table["24 GB", "13B bf16"]["rows at 4k"] == "does not fit"

@@ -43,3 +43,24 @@ def run_together(engine, requests):
     for thread in threads:
         thread.join(120)
     return [results[i] for i in range(len(requests))]
+
+
+def stream_in_background(engine, ids, p):
+    """Stream (ids, p) on a thread of its own.
+
+    Returns the thread, an event set at its first chunk, and a dict whose ``"reply"``
+    is the merged reply once the thread has ended.
+    """
+    first_chunk = threading.Event()
+    outcome = {}
+
+    def run():
+        chunks = []
+        for chunk in engine.stream(ids, p):
+            chunks.append(chunk)
+            first_chunk.set()
+        outcome["reply"] = merge_chunks(iter(chunks))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, first_chunk, outcome

@@ -54,8 +54,11 @@ def vllm_folders(tmp_path_factory):
     }
 
 
-# The 13B (ALiBi) engine starts in the slow run: one vLLM engine keeps the default run short.
-@pytest.fixture(scope="session", params=["7b", pytest.param("13b", marks=pytest.mark.slow)])
+# Each variant starts a vLLM engine (~40 s on a CPU): the slow run.
+@pytest.fixture(
+    scope="session",
+    params=[pytest.param(name, marks=pytest.mark.slow) for name in ("7b", "13b")],
+)
 def variant(request):
     return request.param
 
