@@ -1,11 +1,22 @@
 """The CPU weight layouts and head kernels (``cpu_layout``) against independent truths."""
 
+import os
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from langchain_baichuan2.engines.native.cpu_layout import HeadProjection, lay_out
+from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engines.native.cpu_layout import (
+    HeadProjection,
+    _pause_openmp,
+    free_openmp_threads,
+    lay_out,
+)
 from langchain_baichuan2.engines.native.slot_model import SlotModel
 from langchain_baichuan2.loading import load_model_and_tokenizer
 from langchain_baichuan2.testing import make_tiny_checkpoint
@@ -131,3 +142,58 @@ def test_the_packed_head_follows_in_place_changes_of_its_weight(folder, monkeypa
         model.lm_head.weight.mul_(2.0)  # changed in place, as normalize_head does
     assert not torch.equal(check_against_plain_products(), before)
     assert len(packed) == 2  # packed again, after the change only
+
+
+TASKS = Path("/proc/self/task")
+needs_openmp_pools = pytest.mark.skipif(
+    not TASKS.is_dir() or torch.get_num_threads() < 2 or _pause_openmp() is None,
+    reason="needs Linux's /proc, GNU OpenMP (torch's on Linux) and 2+ torch threads",
+)
+
+
+def _threads_of_this_process() -> set[str]:
+    return set(os.listdir(TASKS))
+
+
+def _in_a_fresh_thread(hand_over) -> None:
+    """Make a thread's OpenMP pool (a parallel sum), run ``hand_over``, check the pool ended.
+
+    The pool is the threads that appeared with the sum; they must be gone (within 5 s:
+    they end on their own after being released) once ``hand_over`` returned.
+    """
+    errors = []
+
+    def body() -> None:
+        try:
+            before = _threads_of_this_process()
+            torch.ones(10_000_000).sum()  # a parallel region: this thread's pool starts
+            pool = _threads_of_this_process() - before
+            assert pool, "the parallel sum started no OpenMP threads"
+            hand_over()
+            deadline = time.monotonic() + 5
+            while pool & _threads_of_this_process() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not pool & _threads_of_this_process(), "the pool's threads still run"
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@needs_openmp_pools
+def test_freeing_openmp_threads_ends_the_calling_threads_pool():
+    _in_a_fresh_thread(free_openmp_threads)
+    assert float(torch.ones(10_000_000).sum()) == 10_000_000  # pools are made again
+
+
+@needs_openmp_pools
+def test_a_thread_handing_the_engine_a_request_frees_its_openmp_pool(tiny_7b):
+    llm = ChatBaichuan2(model=str(tiny_7b), max_tokens=3, temperature=0)
+    expected = llm.invoke("hello").content  # the worker runs, with its own pool
+    answers = []
+    _in_a_fresh_thread(lambda: answers.append(llm.invoke("hello").content))
+    assert answers == [expected]

@@ -6,12 +6,18 @@ them. The kernels BLAS picks for these shapes read the weights at a fraction of 
 memory bandwidth; ``lay_out`` and ``HeadProjection`` pick kernels measured faster
 (``benchmarks/bench_cpu_decode.py``), some on oneDNN-packed copies of the weights
 (``Packed``). Only memory order and summation order change, never the values. GPUs,
-fp16 and quantized layers keep the plain modules.
+fp16 and quantized layers keep the plain modules. ``free_openmp_threads`` keeps the
+threads that hand work to the engine's worker from slowing its products down.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -129,3 +135,32 @@ class HeadProjection:
         if weight.dtype == torch.float32:  # contiguous: xgrammar's mask wants row-major
             return (weight @ hidden.T).T.contiguous()
         return self.module(hidden)
+
+
+@functools.cache
+def _pause_openmp() -> Callable[[int], int] | None:
+    """GNU OpenMP's ``omp_pause_resource_all`` where torch runs on it, else None."""
+    try:  # only the copy already loaded (torch's own): never load another one
+        gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+        pause = gomp.omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    pause.argtypes = [ctypes.c_int]
+    pause.restype = ctypes.c_int
+    return cast(Callable[[int], int], pause)
+
+
+def free_openmp_threads() -> None:
+    """Let the calling thread's idle OpenMP threads exit (GNU OpenMP; elsewhere nothing).
+
+    GNU OpenMP keeps a pool of threads for every thread that ran a parallel region
+    (loading a model, an embedding forward, the caller's own torch code). Once the
+    process holds more of them than it has cores, every team waits for its threads by
+    sleeping instead of spinning, and the engine worker's decode step, dozens of short
+    products, ran 1.2x slower end to end on 2 cores (its decoder products ~3x slower;
+    ``bench_cpu_decode.py --part threads``). The engine calls this in each thread that
+    hands it a request; the pool is made again the next time that thread needs it.
+    """
+    pause = _pause_openmp()
+    if pause is not None:
+        pause(1)  # omp_pause_soft: the pool's threads end, nothing else is undone

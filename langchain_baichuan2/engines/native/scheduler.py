@@ -52,6 +52,7 @@ from langchain_baichuan2.engines.native.batch import (
     feed_prompt,
 )
 from langchain_baichuan2.engines.native.budget import DEFAULT_MAX_ROWS, default_kv_cache_bytes
+from langchain_baichuan2.engines.native.cpu_layout import free_openmp_threads
 from langchain_baichuan2.engines.native.limits import check_request
 from langchain_baichuan2.engines.native.sampling import RowSettings, choose_tokens
 from langchain_baichuan2.engines.native.slot_model import SlotModel
@@ -269,6 +270,8 @@ class NativeEngine(Engine):
     ) -> Request:
         reserved = self.budget.reserved_length(len(prompt_ids), params.max_new_tokens)
         request = Request(prompt_ids, params, reserved, grammar, loop)
+        if self.device.type == "cpu":
+            free_openmp_threads()  # this thread's idle pool would slow the worker's steps
         with self._lock:
             if self._closed:
                 raise EngineStoppedError("The Baichuan2 engine was shut down")
