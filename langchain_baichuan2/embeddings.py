@@ -17,6 +17,7 @@ from transformers import BitsAndBytesConfig
 from langchain_baichuan2 import engines
 from langchain_baichuan2.arguments import reject_unknown_arguments
 from langchain_baichuan2.engines.native.budget import EMBEDDING_FORWARD_TOKENS
+from langchain_baichuan2.engines.native.cpu_layout import free_openmp_threads
 from langchain_baichuan2.loading import LOAD_SETTINGS, LoadedModel, progress_enabled
 from langchain_baichuan2.loading.adapters import resolve_adapter_path
 from langchain_baichuan2.loading.registry import shared_adapter
@@ -390,9 +391,12 @@ class Baichuan2Embeddings(BaseModel, Embeddings):
         order = [i for batch in batches for i in batch]
         show = progress_enabled(self.show_progress)
         bar = tqdm(batches, desc="Embedding", unit="batch", disable=not show or len(batches) < 2)
-        sorted_vectors = torch.cat(
-            [self._embed_batch(loaded, [ids[i] for i in batch], adapter) for batch in bar]
-        )
+        try:
+            sorted_vectors = torch.cat(
+                [self._embed_batch(loaded, [ids[i] for i in batch], adapter) for batch in bar]
+            )
+        finally:  # a chat engine sharing the model decodes faster without this pool
+            free_openmp_threads(loaded.model.device)
         vectors = torch.empty_like(sorted_vectors)
         vectors[torch.tensor(order)] = sorted_vectors
         return vectors.tolist()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2 import Baichuan2Embeddings, ChatBaichuan2
 from langchain_baichuan2.engines.native.cpu_layout import (
     HeadProjection,
     _pause_openmp,
@@ -186,7 +186,7 @@ def _in_a_fresh_thread(hand_over) -> None:
 
 @needs_openmp_pools
 def test_freeing_openmp_threads_ends_the_calling_threads_pool():
-    _in_a_fresh_thread(free_openmp_threads)
+    _in_a_fresh_thread(lambda: free_openmp_threads(torch.device("cpu")))
     assert float(torch.ones(10_000_000).sum()) == 10_000_000  # pools are made again
 
 
@@ -197,3 +197,12 @@ def test_a_thread_handing_the_engine_a_request_frees_its_openmp_pool(tiny_7b):
     answers = []
     _in_a_fresh_thread(lambda: answers.append(llm.invoke("hello").content))
     assert answers == [expected]
+
+
+@needs_openmp_pools
+def test_an_embedding_call_frees_its_threads_openmp_pool(tiny_7b):
+    embeddings = Baichuan2Embeddings(model=str(tiny_7b))
+    expected = embeddings.embed_query("hello")
+    vectors = []
+    _in_a_fresh_thread(lambda: vectors.append(embeddings.embed_query("hello")))
+    assert vectors == [expected]

@@ -150,17 +150,19 @@ def _pause_openmp() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], pause)
 
 
-def free_openmp_threads() -> None:
-    """Let the calling thread's idle OpenMP threads exit (GNU OpenMP; elsewhere nothing).
+def free_openmp_threads(device: torch.device) -> None:
+    """Let the calling thread's idle OpenMP threads exit where the model runs on a CPU.
 
     GNU OpenMP keeps a pool of threads for every thread that ran a parallel region
     (loading a model, an embedding forward, the caller's own torch code). Once the
     process holds more of them than it has cores, every team waits for its threads by
     sleeping instead of spinning, and the engine worker's decode step, dozens of short
     products, ran 1.2x slower end to end on 2 cores (its decoder products ~3x slower;
-    ``bench_cpu_decode.py --part threads``). The engine calls this in each thread that
-    hands it a request; the pool is made again the next time that thread needs it.
+    ``bench_cpu_decode.py --part threads``). So each thread that hands the engine a
+    request, or has just run an embedding forward, frees its pool; the pool is made
+    again the next time that thread needs it. Nothing happens on other devices or
+    without GNU OpenMP.
     """
-    pause = _pause_openmp()
+    pause = _pause_openmp() if device.type == "cpu" else None
     if pause is not None:
         pause(1)  # omp_pause_soft: the pool's threads end, nothing else is undone

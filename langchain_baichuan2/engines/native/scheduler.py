@@ -270,8 +270,7 @@ class NativeEngine(Engine):
     ) -> Request:
         reserved = self.budget.reserved_length(len(prompt_ids), params.max_new_tokens)
         request = Request(prompt_ids, params, reserved, grammar, loop)
-        if self.device.type == "cpu":
-            free_openmp_threads()  # this thread's idle pool would slow the worker's steps
+        free_openmp_threads(self.device)  # this thread's idle pool would slow the worker
         with self._lock:
             if self._closed:
                 raise EngineStoppedError("The Baichuan2 engine was shut down")
