@@ -12,7 +12,14 @@ The 7B-shaped random model (hidden 512, 4 layers, the real 125,696-piece vocabul
   candidate layouts and kernels, and the one ``cpu_layout`` chooses; the decoder linears
   alike;
 - ``bandwidth``: this machine's read bandwidth (1 and 2 threads) and the batch-1 decode
-  ceiling it sets per dtype (the bytes a token reads over that bandwidth).
+  ceiling it sets per dtype (the bytes a token reads over that bandwidth);
+- ``threads``: one step's decoder products run in the main thread, in another thread
+  while the main thread keeps its idle OpenMP pool (what the engine's worker met before
+  ``cpu_layout.free_openmp_threads``), and in another thread after it was freed.
+
+llama.cpp runs the same weights (``llama_cpp_contender.py``: a GGUF file written from
+the checkpoint) where ``llama_cpp`` and ``gguf`` are importable, else it is reported as
+skipped; its next-token logits after the prompt are checked against ours first.
 
 Engines and ``generate()`` are timed in interleaved rounds (best of ``--repeats``), so a
 loaded machine slows them alike. bf16's top-1 agreement with fp32 is reported along
@@ -20,7 +27,7 @@ fp32's greedy path.
 
 Every table starts with the machine and its 1-minute load average.
 
-    python benchmarks/bench_cpu_decode.py [--part head|bandwidth|engine|all]
+    python benchmarks/bench_cpu_decode.py [--part head|bandwidth|threads|engine|all]
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import importlib.util
 import json
 import os
 import platform
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +46,10 @@ from pathlib import Path
 import torch
 from bench_fast_path import generate_rate, long_prompt
 from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
+from llama_cpp_contender import LlamaCppContender, logits_gap, write_gguf
 
 from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engines.native.cpu_layout import free_openmp_threads
 from langchain_baichuan2.loading.checkpoint import read_config
 from langchain_baichuan2.modeling import BaichuanForCausalLM
 
@@ -165,6 +176,33 @@ def linear_table(hidden: int, layers: int) -> None:
         print(f"{name:44s} {times[0]:9.2f} {times[1]:10.2f}")
 
 
+def threads_table(hidden: int, layers: int) -> None:
+    """One step's decoder products (1 row) by the thread that runs them, in ms."""
+    inner = hidden * 8 // 3 // 64 * 64
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (inner, hidden)]
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) for shape in (shapes + [(hidden, inner)]) * layers]
+    inputs = {n: torch.randn(1, n) for n in (hidden, inner)}
+
+    @torch.inference_mode()
+    def products() -> None:
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+
+    def in_a_thread() -> float:
+        result = []
+        thread = threading.Thread(target=lambda: result.append(best_ms(products)))
+        thread.start()
+        thread.join()
+        return result[0]
+
+    print(f"decoder products of one step ({layers} layers, 1 row) by thread; {machine()}")
+    print(f"the main thread:                                  {best_ms(products):6.2f} ms")
+    print(f"another thread, the main one holding its pool:    {in_a_thread():6.2f} ms")
+    free_openmp_threads(torch.device("cpu"))
+    print(f"another thread, the main one's pool freed:        {in_a_thread():6.2f} ms")
+
+
 @torch.inference_mode()
 def bandwidth_table(folder: Path, prompt_tokens: int) -> dict[str, float]:
     """This machine's read bandwidth, 1 and 2 threads, and the batch-1 decode ceilings.
@@ -269,11 +307,36 @@ def greedy_agreement(folder: Path, ids: torch.Tensor, new_tokens: int) -> tuple[
     return float(same.float().mean()), first
 
 
-def llama_cpp_note() -> str:
-    """Why llama.cpp is or is not in the table."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama.cpp: skipped (llama_cpp is not importable here)"
-    return "llama.cpp: llama_cpp is importable, but this script does not convert weights to GGUF"
+def llama_cpp_rounds(
+    folder: Path, dtype: str, ids: torch.Tensor, rows: list[list[int]], args: argparse.Namespace
+) -> Callable[[], tuple[float, float, str]]:
+    """One measurement of llama.cpp on ``folder``'s weights in ``dtype``: b1, 8 streams."""
+    path = write_gguf(folder, dtype, Path(tempfile.mkdtemp()) / f"model-{dtype}.gguf")
+    prompt = ids[0].tolist()
+    context = max(len(prompt) + args.new_tokens, sum(map(len, rows)) + 8 * args.new_tokens)
+    contender = LlamaCppContender(path, context + 64, torch.get_num_threads())
+    if dtype == "fp32":
+        gap, same = logits_gap(folder, contender, prompt)
+        print(
+            f"llama.cpp fp32 next-token logits after the prompt: max |diff| {gap:.2e}, "
+            f"same arg-max: {same}"
+        )
+
+    def measure() -> tuple[float, float, str]:
+        b1, tokens = contender.batch1(prompt, args.new_tokens)
+        return b1, contender.streams(rows, args.new_tokens), str(tokens)
+
+    return measure
+
+
+def llama_cpp_skipped(folder: Path) -> str | None:
+    """Why llama.cpp cannot run here (None when it can)."""
+    missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"llama.cpp: skipped ({' and '.join(missing)} not importable here)"
+    if read_config(folder).position_embedding != "rope":
+        return "llama.cpp: skipped (a 13B-shaped checkpoint has no llama.cpp llama layout)"
+    return None
 
 
 def engine_contenders(
@@ -291,12 +354,17 @@ def engine_contenders(
         contenders[f"ours {dtype}"] = engine_rounds(llm, prompt)
         if not args.no_generate:
             contenders[f"generate() {dtype}"] = generate_rounds(folder, dtype, ids, rows, args)
+        if llama_cpp_skipped(folder) is None:
+            short = [tokenizer.encode(text) for text in SHORT]
+            contenders[f"llama.cpp {dtype}"] = llama_cpp_rounds(folder, dtype, ids, short, args)
     return contenders, ids
 
 
 def main() -> None:
     parser = decode_arguments(argparse.ArgumentParser())
-    parser.add_argument("--part", choices=["head", "bandwidth", "engine", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["head", "bandwidth", "threads", "engine", "all"], default="all"
+    )
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--compile", action="store_true", help="engine: compiled step")
     parser.add_argument("--freezing", action="store_true", help="inductor freezing on")
@@ -311,7 +379,9 @@ def main() -> None:
         linear_table(args.hidden, args.layers)
     if args.part in ("bandwidth", "all"):
         bandwidth_table(folder, args.prompt_tokens)
-    if args.part in ("head", "bandwidth"):
+    if args.part in ("threads", "all"):
+        threads_table(args.hidden, args.layers)
+    if args.part in ("head", "bandwidth", "threads"):
         return
     print(
         f"engine, hidden {args.hidden}, layers {args.layers}, compile {args.compile}, "
@@ -340,7 +410,7 @@ def main() -> None:
         )
     if args.texts:
         args.texts.write_text(json.dumps(texts))
-    print(llama_cpp_note())
+    print(llama_cpp_skipped(folder) or "llama.cpp: llama-cpp-python on the same weights (GGUF)")
     print(machine())
 
 
