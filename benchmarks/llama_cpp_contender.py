@@ -198,20 +198,18 @@ class LlamaCppContender:
         batch.n_tokens = n
         if self.lib.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
-        picked = []
-        for i in last:
-            pointer = self.lib.llama_get_logits_ith(ctx, i)
-            row = np.ctypeslib.as_array(
-                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self.vocab,)
-            )
-            picked.append(int(row.argmax()))
-        return picked
+        return [int(self._logits(ctx, i).argmax()) for i in last]
+
+    def _logits(self, ctx: Any, i: int) -> np.ndarray:
+        """The logits of batch position ``i`` (-1: the last) of the last decode, in place."""
+        floats = ctypes.cast(self.lib.llama_get_logits_ith(ctx, i), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(floats, (self.vocab,))
 
     def next_logits(self, ids: list[int]) -> torch.Tensor:
         """llama.cpp's logits for the token after ``ids``."""
         self.llm.reset()
         self.llm.eval(ids)
-        return torch.tensor(np.array(self.llm.scores[self.llm.n_tokens - 1]))
+        return torch.from_numpy(self._logits(self.llm._ctx.ctx, -1).copy())
 
 
 @torch.inference_mode()
