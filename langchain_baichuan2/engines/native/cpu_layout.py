@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -139,15 +140,22 @@ class HeadProjection:
 
 @functools.cache
 def _pause_openmp() -> Callable[[int], int] | None:
-    """GNU OpenMP's ``omp_pause_resource_all`` where torch runs on it, else None."""
-    try:  # only the copy already loaded (torch's own): never load another one
-        gomp = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
-        pause = gomp.omp_pause_resource_all
-    except (OSError, AttributeError):
-        return None
-    pause.argtypes = [ctypes.c_int]
-    pause.restype = ctypes.c_int
-    return cast(Callable[[int], int], pause)
+    """GNU OpenMP's ``omp_pause_resource_all`` where torch runs on it, else None.
+
+    Only a copy already loaded is used (never another one): the system's name or the
+    copy bundled with torch (some wheels rename it ``libgomp-<hash>.so.1``).
+    """
+    bundled = sorted(str(p) for p in (Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    for name in ["libgomp.so.1", *bundled]:
+        try:
+            gomp = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            pause = gomp.omp_pause_resource_all
+        except (OSError, AttributeError):  # not loaded, too old, or not a POSIX system
+            continue
+        pause.argtypes = [ctypes.c_int]
+        pause.restype = ctypes.c_int
+        return cast(Callable[[int], int], pause)
+    return None
 
 
 def free_openmp_threads(device: torch.device) -> None:
