@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from langchain_baichuan2.engines.base import GenerationChunk, OutputText
+from langchain_baichuan2.engines.native.budget import out_of_memory_for_a_request
 from langchain_baichuan2.engines.native.limits import PROCESSORS
 from langchain_baichuan2.engines.native.sampling import RowSettings, apply_repetition_penalty
 from langchain_baichuan2.engines.native.slot_model import SlotModel
@@ -456,15 +457,14 @@ class Batch:
         """Stop the newest row with an out-of-memory error that gives the numbers."""
         newest = self.rows[-1]
         cache = self.engine.slot_model.cache
-        msg = (
-            f"Out of memory in a decode step of {len(self.rows)} rows (slot buffers of "
-            f"{cache.rows} x {cache.length} positions, kv_cache_bytes="
-            f"{cache.budget.max_bytes}); this request, the newest, was stopped after "
-            f"{newest.generated} tokens so the other {len(self.rows) - 1} go on. Lower "
-            f"max_rows or kv_cache_bytes, or send fewer requests at once. {error}"
+        out_of_memory = out_of_memory_for_a_request(
+            f"in a decode step of {len(self.rows)} rows (slot buffers of {cache.rows} x "
+            f"{cache.length} positions, kv_cache_bytes={cache.budget.max_bytes}); this "
+            f"request, the newest, was stopped after {newest.generated} tokens so the other "
+            f"{len(self.rows) - 1} go on",
+            "Lower max_rows or kv_cache_bytes, or send fewer requests at once.",
+            error,
         )
-        out_of_memory = torch.OutOfMemoryError(msg)
-        out_of_memory.__cause__ = error
         newest.request.send(out_of_memory)
         cache.release(newest.slot)
         self.keep(list(range(len(self.rows) - 1)))

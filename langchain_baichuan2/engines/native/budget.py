@@ -186,6 +186,19 @@ def default_kv_cache_bytes(
     return min(positions) * position_bytes
 
 
+def out_of_memory_for_a_request(
+    what: str, advice: str, cause: torch.OutOfMemoryError
+) -> torch.OutOfMemoryError:
+    """The error one request gets when memory ran out.
+
+    It says what happened (``what``, with the numbers), what to change (``advice``),
+    then the device's own message (``cause``, chained).
+    """
+    error = torch.OutOfMemoryError(f"Out of memory {what}. {advice} {cause}")
+    error.__cause__ = cause
+    return error
+
+
 class KvBudget:
     """Bytes, rows and lengths the keys/values may take, and the prefix cache's share.
 

@@ -51,7 +51,11 @@ from langchain_baichuan2.engines.native.batch import (
     begin_row,
     feed_prompt,
 )
-from langchain_baichuan2.engines.native.budget import DEFAULT_MAX_ROWS, default_kv_cache_bytes
+from langchain_baichuan2.engines.native.budget import (
+    DEFAULT_MAX_ROWS,
+    default_kv_cache_bytes,
+    out_of_memory_for_a_request,
+)
 from langchain_baichuan2.engines.native.cpu_layout import free_openmp_threads
 from langchain_baichuan2.engines.native.limits import check_request
 from langchain_baichuan2.engines.native.sampling import RowSettings, choose_tokens
@@ -530,16 +534,14 @@ class NativeEngine(Engine):
         """What a request that failed to start is told (out of memory: the numbers)."""
         if not isinstance(error, torch.OutOfMemoryError):
             return error
-        msg = (
-            f"Out of memory while starting this request (prompt of "
-            f"{len(request.prompt_ids)} tokens, {request.reserved} positions of key/value "
-            f"cache reserved); the running requests go on. Lower max_tokens, send fewer "
-            f"requests at once or give the engine a smaller kv_cache_bytes "
-            f"(now {self.kv_cache_bytes}). {error}"
+        return out_of_memory_for_a_request(
+            f"while starting this request (prompt of {len(request.prompt_ids)} tokens, "
+            f"{request.reserved} positions of key/value cache reserved); the running "
+            "requests go on",
+            "Lower max_tokens, send fewer requests at once or give the engine a smaller "
+            f"kv_cache_bytes (now {self.kv_cache_bytes}).",
+            error,
         )
-        out_of_memory = torch.OutOfMemoryError(msg)
-        out_of_memory.__cause__ = error
-        return out_of_memory
 
     def _step(self, batch: Batch) -> None:
         """Advance every running row by one token (see ``Batch.step``)."""

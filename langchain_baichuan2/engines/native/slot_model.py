@@ -491,11 +491,7 @@ class SlotModel:
         ``SlotCache``), made outside it.
         """
         ids, positions = (torch.zeros(rows, 1, dtype=torch.long, device=self.device) for _ in "ip")
-        cache = self.cache
-        buffers = [
-            [cache._view(cache._empty(rows * length, d), rows, length) for d in cache.devices]
-            for _ in "kv"
-        ]
+        buffers = [self.cache.scratch(rows, length) for _ in "kv"]
         views = [[b[:, :, :keys] for b in kind] for kind in buffers]
         cos, sin = self._rope_for(length)
         for view in (*views[0], *views[1], cos, sin):

@@ -120,6 +120,14 @@ class SlotCache:
         heads, head_dim = self.shape
         return store[: rows * heads * length * head_dim].view(rows, heads, length, head_dim)
 
+    def scratch(self, rows: int, length: int) -> list[torch.Tensor]:
+        """Per-device buffers shaped and made as the slots' are, outside the cache.
+
+        Views ``[rows, heads, length, head_dim]`` of new flat storage, as the real slots
+        are, so a step compiled on them (the warm-up's private inputs) fits the slots.
+        """
+        return [self._view(self._empty(rows * length, d), rows, length) for d in self.devices]
+
     def _free_slot(self) -> int:
         return next((i for i, used in enumerate(self._used) if not used), self.rows)
 
