@@ -15,7 +15,8 @@ The 7B-shaped random model (hidden 512, 4 layers, the real 125,696-piece vocabul
   ceiling it sets per dtype (the bytes a token reads over that bandwidth);
 - ``threads``: one step's decoder products run in the main thread, in another thread
   while the main thread keeps its idle OpenMP pool (what the engine's worker met before
-  ``cpu_layout.free_openmp_threads``), and in another thread after it was freed.
+  ``cpu_layout.free_openmp_threads``), and in another thread after it was freed
+  (``--pools-kept`` adds the engine as it ran before that fix to the engine part).
 
 llama.cpp runs the same weights (``llama_cpp_contender.py``: a GGUF file written from
 the checkpoint) where ``llama_cpp`` and ``gguf`` are importable, else it is reported as
@@ -28,6 +29,7 @@ fp32's greedy path.
 Every table starts with the machine and its 1-minute load average.
 
     python benchmarks/bench_cpu_decode.py [--part head|bandwidth|threads|engine|all]
+        [--pools-kept]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from common import bench_checkpoint, concurrent_throughput, decode_arguments, ti
 from llama_cpp_contender import LlamaCppContender, logits_gap, write_gguf
 
 from langchain_baichuan2 import ChatBaichuan2
+from langchain_baichuan2.engines.native import scheduler
 from langchain_baichuan2.engines.native.cpu_layout import free_openmp_threads
 from langchain_baichuan2.loading.checkpoint import read_config
 from langchain_baichuan2.modeling import BaichuanForCausalLM
@@ -273,6 +276,22 @@ def engine_rounds(llm: ChatBaichuan2, prompt: str) -> Callable[[], tuple[float, 
     return measure
 
 
+def pools_kept(
+    measure: Callable[[], tuple[float, float, str]],
+) -> Callable[[], tuple[float, float, str]]:
+    """``measure`` with callers keeping their OpenMP pools (the engine before the fix)."""
+
+    def kept() -> tuple[float, float, str]:
+        free = scheduler.free_openmp_threads
+        scheduler.free_openmp_threads = lambda device: None
+        try:
+            return measure()
+        finally:
+            scheduler.free_openmp_threads = free
+
+    return kept
+
+
 def generate_rounds(
     folder: Path, dtype: str, ids: torch.Tensor, rows: torch.Tensor, args: argparse.Namespace
 ) -> Callable[[], tuple[float, float, str]]:
@@ -314,7 +333,7 @@ def llama_cpp_rounds(
     path = write_gguf(folder, dtype, Path(tempfile.mkdtemp()) / f"model-{dtype}.gguf")
     prompt = ids[0].tolist()
     context = max(len(prompt) + args.new_tokens, sum(map(len, rows)) + 8 * args.new_tokens)
-    contender = LlamaCppContender(path, context + 64, torch.get_num_threads())
+    contender = LlamaCppContender(path, (context // 64 + 2) * 64, torch.get_num_threads())
     if dtype == "fp32":
         gap, same = logits_gap(folder, contender, prompt)
         print(
@@ -352,6 +371,8 @@ def engine_contenders(
         ids = torch.tensor([tokenizer.encode(prompt)])
         rows = torch.tensor([tokenizer.encode(SHORT[3])] * 8)
         contenders[f"ours {dtype}"] = engine_rounds(llm, prompt)
+        if args.pools_kept:
+            contenders[f"ours {dtype}, pools kept"] = pools_kept(engine_rounds(llm, prompt))
         if not args.no_generate:
             contenders[f"generate() {dtype}"] = generate_rounds(folder, dtype, ids, rows, args)
         if llama_cpp_skipped(folder) is None:
@@ -369,6 +390,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="engine: compiled step")
     parser.add_argument("--freezing", action="store_true", help="inductor freezing on")
     parser.add_argument("--no-generate", action="store_true", help="skip generate()")
+    parser.add_argument(
+        "--pools-kept", action="store_true", help="also ours with callers' OpenMP pools kept"
+    )
     parser.add_argument("--texts", type=Path, help="write each dtype's greedy text here (json)")
     args = parser.parse_args()
     if args.freezing:  # weights as constants: inductor prepacks them for oneDNN/MKL
