@@ -206,3 +206,20 @@ def test_an_embedding_call_frees_its_threads_openmp_pool(tiny_7b):
     vectors = []
     _in_a_fresh_thread(lambda: vectors.append(embeddings.embed_query("hello")))
     assert vectors == [expected]
+
+
+@needs_openmp_pools
+def test_an_idle_engine_worker_holds_no_openmp_pool(tmp_path):
+    llm = ChatBaichuan2(model=str(make_tiny_checkpoint(tmp_path)), max_tokens=3, temperature=0)
+    free_openmp_threads(torch.device("cpu"))  # this thread's own pool (from loading) ends
+    before = _threads_of_this_process()
+    llm.invoke("hello")  # a new engine: its worker, which makes a pool for its products
+    worker = next(
+        str(t.native_id)
+        for t in threading.enumerate()
+        if t.name == "baichuan2-engine" and str(t.native_id) not in before
+    )
+    deadline = time.monotonic() + 5
+    while _threads_of_this_process() - before != {worker} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _threads_of_this_process() - before == {worker}  # the worker alone, its pool gone

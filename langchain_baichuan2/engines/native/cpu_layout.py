@@ -167,8 +167,9 @@ def free_openmp_threads(device: torch.device) -> None:
     sleeping instead of spinning, and the engine worker's decode step, dozens of short
     products, ran 1.2x slower end to end on 2 cores (its decoder products ~3x slower;
     ``bench_cpu_decode.py --part threads``). So each thread that hands the engine a
-    request, or has just run an embedding forward, frees its pool; the pool is made
-    again the next time that thread needs it. Nothing happens on other devices or
+    request, or has just run an embedding forward, frees its pool, and so does the
+    engine's worker whenever it goes idle (another engine may be serving); a pool is
+    made again the next time its thread needs it. Nothing happens on other devices or
     without GNU OpenMP.
     """
     pause = _pause_openmp() if device.type == "cpu" else None

@@ -427,6 +427,8 @@ class NativeEngine(Engine):
         try:
             while True:
                 idle = batch is None and not pending and not self._warm_up.wanted
+                if idle:  # an idle engine's pool would slow every other thread's products
+                    free_openmp_threads(self.device)
                 requests, stopping = self._take_waiting(block=idle)
                 pending.extend(requests)
                 if stopping:
