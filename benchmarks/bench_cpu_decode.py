@@ -279,12 +279,16 @@ def engine_rounds(llm: ChatBaichuan2, prompt: str) -> Callable[[], tuple[float, 
 def pools_kept(
     measure: Callable[[], tuple[float, float, str]],
 ) -> Callable[[], tuple[float, float, str]]:
-    """``measure`` with callers keeping their OpenMP pools (the engine before the fix)."""
+    """``measure`` as the engine ran before ``free_openmp_threads``.
+
+    Nobody frees a pool, and this thread holds one, as it does after loading a model.
+    """
 
     def kept() -> tuple[float, float, str]:
         free = scheduler.free_openmp_threads
         scheduler.free_openmp_threads = lambda device: None
         try:
+            torch.ones(10_000_000).sum()  # a parallel region: this thread's pool starts
             return measure()
         finally:
             scheduler.free_openmp_threads = free
