@@ -7,7 +7,8 @@ pairwise rotary embedding, so its logits are the model's (``logits_gap`` checks 
 ``LlamaCppContender`` times it through ``llama-cpp-python``: batch 1 after a long prompt
 (its high-level ``generate``) and 8 sequences decoded together in one llama.cpp batch
 per step (its low-level batch API, as ``llama-batched-bench`` does). Needs the ``gguf``
-and ``llama-cpp-python`` packages (the latter builds from source, ~30 minutes on 2 cores).
+and ``llama-cpp-python`` packages; the latter builds from source, ~30 minutes on 2 cores:
+``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install gguf llama-cpp-python``.
 """
 
 from __future__ import annotations
