@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from bench_fast_path import generate_rate, long_prompt
 from common import bench_checkpoint, concurrent_throughput, decode_arguments, timed_stream
-from llama_cpp_contender import LlamaCppContender, logits_gap, write_gguf
+from llama_cpp_contender import LlamaCppContender, logits_gap, no_llama_layout, write_gguf
 
 from langchain_baichuan2 import ChatBaichuan2
 from langchain_baichuan2.engines.native import scheduler
@@ -136,12 +136,20 @@ def head_table(vocab: int, hidden: int) -> None:
     print(f"(reading the fp32 head once at 23 GB/s takes {bound:.1f} ms; bf16 half that)")
 
 
+def decoder_shapes(hidden: int, layers: int) -> tuple[list[tuple[int, int]], int]:
+    """Every decoder linear's ``[out, in]`` of ``layers`` layers, and the MLP width.
+
+    The width is ``bench_checkpoint``'s: 8/3 of ``hidden``, rounded down to 64.
+    """
+    inner = hidden * 8 // 3 // 64 * 64
+    layer = [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (inner, hidden)]
+    return (layer + [(hidden, inner)]) * layers, inner
+
+
 @torch.inference_mode()
 def linear_table(hidden: int, layers: int) -> None:
     """Time every decoder linear of ``layers`` layers (one step's products), per kernel."""
-    inner = hidden * 8 // 3 // 64 * 64
-    shapes = [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (inner, hidden)]
-    shapes = (shapes + [(hidden, inner)]) * layers
+    shapes, inner = decoder_shapes(hidden, layers)
     torch.manual_seed(0)
     weights = [torch.randn(shape) / shape[1] ** 0.5 for shape in shapes]
     halves = [w.bfloat16() for w in weights]
@@ -181,10 +189,9 @@ def linear_table(hidden: int, layers: int) -> None:
 
 def threads_table(hidden: int, layers: int) -> None:
     """One step's decoder products (1 row) by the thread that runs them, in ms."""
-    inner = hidden * 8 // 3 // 64 * 64
-    shapes = [(3 * hidden, hidden), (hidden, hidden), (inner, hidden), (inner, hidden)]
+    shapes, inner = decoder_shapes(hidden, layers)
     torch.manual_seed(0)
-    weights = [torch.randn(shape) for shape in (shapes + [(hidden, inner)]) * layers]
+    weights = [torch.randn(shape) for shape in shapes]
     inputs = {n: torch.randn(1, n) for n in (hidden, inner)}
 
     @torch.inference_mode()
@@ -357,9 +364,8 @@ def llama_cpp_skipped(folder: Path) -> str | None:
     missing = [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
     if missing:
         return f"llama.cpp: skipped ({' and '.join(missing)} not importable here)"
-    if read_config(folder).position_embedding != "rope":
-        return "llama.cpp: skipped (a 13B-shaped checkpoint has no llama.cpp llama layout)"
-    return None
+    problem = no_llama_layout(folder)
+    return None if problem is None else f"llama.cpp: skipped ({problem})"
 
 
 def engine_contenders(

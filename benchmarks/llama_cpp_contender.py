@@ -61,6 +61,13 @@ def _vocabulary(folder: Path, size: int) -> tuple[list[bytes], list[float], list
     return pieces, scores, types
 
 
+def no_llama_layout(folder: Path) -> str | None:
+    """Why ``folder``'s model has no llama.cpp ``llama`` layout (None when it has one)."""
+    if read_config(folder).position_embedding != "rope":
+        return "a 13B-shaped (ALiBi) checkpoint has no llama.cpp llama layout"
+    return None
+
+
 @torch.inference_mode()
 def write_gguf(folder: Path, dtype: str, path: Path) -> Path:
     """Write ``folder``'s model as a llama.cpp GGUF file in ``dtype`` ("fp32"/"bf16").
@@ -71,9 +78,10 @@ def write_gguf(folder: Path, dtype: str, path: Path) -> Path:
     """
     import gguf
 
+    problem = no_llama_layout(folder)
+    if problem is not None:
+        raise ValueError(problem)
     config = read_config(folder)
-    if config.position_embedding != "rope":
-        raise ValueError("13B-shaped (ALiBi) checkpoints have no llama.cpp llama layout")
     model = BaichuanForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     heads, hidden = config.num_attention_heads, config.hidden_size
     matrix_type = {"fp32": gguf.GGMLQuantizationType.F32, "bf16": gguf.GGMLQuantizationType.BF16}
@@ -170,8 +178,7 @@ class LlamaCppContender:
         batch = lib.llama_batch_init(capacity, 0, 1)
         try:
             start = time.perf_counter()
-            rows = [(s, list(p), len(p) - 1) for s, p in enumerate(prompts)]
-            next_tokens = self._decode(ctx, batch, [(s, p, 0) for s, p, _ in rows])
+            next_tokens = self._decode(ctx, batch, [(s, list(p), 0) for s, p in enumerate(prompts)])
             positions = [len(p) for p in prompts]
             for _ in range(new_tokens - 1):
                 step = [(s, [t], positions[s]) for s, t in enumerate(next_tokens)]

@@ -155,6 +155,14 @@ def _threads_of_this_process() -> set[str]:
     return set(os.listdir(TASKS))
 
 
+def _within_5_seconds(condition) -> bool:
+    """Whether ``condition()`` holds within 5 s (released pool threads end on their own)."""
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def _in_a_fresh_thread(hand_over) -> None:
     """Make a thread's OpenMP pool (a parallel sum), run ``hand_over``, check the pool ended.
 
@@ -170,10 +178,8 @@ def _in_a_fresh_thread(hand_over) -> None:
             pool = _threads_of_this_process() - before
             assert pool, "the parallel sum started no OpenMP threads"
             hand_over()
-            deadline = time.monotonic() + 5
-            while pool & _threads_of_this_process() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert not pool & _threads_of_this_process(), "the pool's threads still run"
+            ended = _within_5_seconds(lambda: not pool & _threads_of_this_process())
+            assert ended, "the pool's threads still run"
         except BaseException as e:
             errors.append(e)
 
@@ -211,7 +217,7 @@ def test_an_embedding_call_frees_its_threads_openmp_pool(tiny_7b):
 @needs_openmp_pools
 def test_an_idle_engine_worker_holds_no_openmp_pool(tmp_path):
     llm = ChatBaichuan2(model=str(make_tiny_checkpoint(tmp_path)), max_tokens=3, temperature=0)
-    free_openmp_threads(torch.device("cpu"))  # this thread's own pool (from loading) ends
+    free_openmp_threads(torch.device("cpu"))  # this thread's own pool (making the files) ends
     before = _threads_of_this_process()
     llm.invoke("hello")  # a new engine: its worker, which makes a pool for its products
     worker = next(
@@ -219,7 +225,5 @@ def test_an_idle_engine_worker_holds_no_openmp_pool(tmp_path):
         for t in threading.enumerate()
         if t.name == "baichuan2-engine" and str(t.native_id) not in before
     )
-    deadline = time.monotonic() + 5
-    while _threads_of_this_process() - before != {worker} and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _threads_of_this_process() - before == {worker}  # the worker alone, its pool gone
+    # The worker alone is new: its pool is gone.
+    assert _within_5_seconds(lambda: _threads_of_this_process() - before == {worker})

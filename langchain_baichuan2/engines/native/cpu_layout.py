@@ -165,12 +165,12 @@ def free_openmp_threads(device: torch.device) -> None:
     (loading a model, an embedding forward, the caller's own torch code). Once the
     process holds more of them than it has cores, every team waits for its threads by
     sleeping instead of spinning, and the engine worker's decode step, dozens of short
-    products, ran 1.2x slower end to end on 2 cores (its decoder products ~3x slower;
-    ``bench_cpu_decode.py --part threads``). So each thread that hands the engine a
-    request, or has just run an embedding forward, frees its pool, and so does the
-    engine's worker whenever it goes idle (another engine may be serving); a pool is
-    made again the next time its thread needs it. Nothing happens on other devices or
-    without GNU OpenMP.
+    products, ran 1.13-1.21x slower end to end on 2 cores (its decoder products ~2.4x
+    slower; ``bench_cpu_decode.py --part threads`` and ``--pools-kept``). So each
+    thread that hands the engine a request, or has just run an embedding forward,
+    frees its pool, and so does the engine's worker whenever it goes idle (another
+    engine may be serving); a pool is made again the next time its thread needs it.
+    Nothing happens on other devices or without GNU OpenMP.
     """
     pause = _pause_openmp() if device.type == "cpu" else None
     if pause is not None:
